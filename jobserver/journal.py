@@ -1,0 +1,649 @@
+"""The journal: every job, step, callback delivery and token as committed rows.
+
+One `Journal` class holds all SQL; two small dialects (SQLite, MySQL/MariaDB) supply
+the few pieces of text that differ. Statements are written once with `?` markers and
+translated once at import for PyMySQL. Only constants from a dialect are ever
+formatted into SQL; every value is a bound parameter.
+
+Writes go through a `GroupCommitter`, so concurrent submits, claims and finishes
+share one transaction and one fsync. Every write of a running job is fenced by its
+lease token: `WHERE id=? AND state='running' AND lease_token=?`, row count checked.
+Times are integer milliseconds since the epoch, taken from the database's clock.
+"""
+import logging
+import random
+import threading
+import time
+from enum import Enum
+
+from . import journal_drivers as drivers
+from .codec import dumps, loads
+from .errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
+                     LeaseLost)
+from .groupcommit import GroupCommitter
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+class State(str, Enum):
+    """A job's state; the table's CHECK constraint holds the same closed set."""
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+
+JOB_COLUMNS = ("id", "task", "owner", "state", "params", "priority", "attempts", "max_retries",
+               "timeout", "run_at", "lease_owner", "lease_token", "lease_expires", "crashes",
+               "progress", "result", "error", "cancel_requested", "callback_url",
+               "idempotency_key", "request_hash", "created_at", "started_at", "finished_at")
+_COLS = ", ".join(JOB_COLUMNS)
+
+# --- schema ---------------------------------------------------------------------------
+# {text} is a column for JSON documents, {opts} the table options; both come from the dialect.
+MIGRATIONS = {
+    1: [
+        """CREATE TABLE IF NOT EXISTS jobs (
+            id VARCHAR(36) NOT NULL PRIMARY KEY,
+            task VARCHAR(200) NOT NULL,
+            owner VARCHAR(190) NOT NULL,
+            state VARCHAR(16) NOT NULL CHECK (state IN
+                ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            params {text} NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_retries INTEGER NOT NULL DEFAULT 0,
+            timeout DOUBLE PRECISION NULL,
+            run_at BIGINT NOT NULL,
+            lease_owner VARCHAR(120) NULL,
+            lease_token BIGINT NOT NULL DEFAULT 0,
+            lease_expires BIGINT NULL,
+            crashes INTEGER NOT NULL DEFAULT 0,
+            progress {text} NULL,
+            result {text} NULL,
+            error {text} NULL,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            callback_url VARCHAR(2048) NULL,
+            idempotency_key VARCHAR(190) NULL,
+            request_hash CHAR(64) NULL,
+            created_at BIGINT NOT NULL,
+            started_at BIGINT NULL,
+            finished_at BIGINT NULL
+        ){opts}""",
+        "CREATE INDEX jobs_claim ON jobs (state, priority DESC, run_at, id)",
+        "CREATE INDEX jobs_owner ON jobs (owner, id)",
+        "CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key)",
+        """CREATE TABLE IF NOT EXISTS steps (
+            job_id VARCHAR(36) NOT NULL,
+            name VARCHAR(190) NOT NULL,
+            seq INTEGER NOT NULL,
+            state VARCHAR(16) NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
+            result {text} NULL,
+            error {text} NULL,
+            started_at BIGINT NOT NULL,
+            finished_at BIGINT NULL,
+            PRIMARY KEY (job_id, name)
+        ){opts}""",
+        """CREATE TABLE IF NOT EXISTS callbacks (
+            id VARCHAR(64) NOT NULL PRIMARY KEY,
+            job_id VARCHAR(36) NOT NULL,
+            url VARCHAR(2048) NOT NULL,
+            state VARCHAR(16) NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at BIGINT NOT NULL,
+            claim_token BIGINT NOT NULL DEFAULT 0,
+            last_error VARCHAR(500) NULL,
+            delivered_at BIGINT NULL,
+            created_at BIGINT NOT NULL
+        ){opts}""",
+        "CREATE INDEX callbacks_due ON callbacks (state, next_at)",
+        "CREATE INDEX callbacks_job ON callbacks (job_id, created_at)",
+        """CREATE TABLE IF NOT EXISTS tokens (
+            name VARCHAR(190) NOT NULL PRIMARY KEY,
+            token_hash CHAR(64) NOT NULL UNIQUE,
+            admin INTEGER NOT NULL DEFAULT 0,
+            created_at BIGINT NOT NULL
+        ){opts}""",
+        """CREATE TABLE IF NOT EXISTS settings (
+            name VARCHAR(190) NOT NULL PRIMARY KEY,
+            value {text} NOT NULL
+        ){opts}""",
+        """CREATE TABLE IF NOT EXISTS projects (
+            id {autoid},
+            projname VARCHAR(190) NOT NULL,
+            prodesc {text} NULL,
+            job_id VARCHAR(36) NULL,
+            created_at BIGINT NOT NULL
+        ){opts}""",
+    ],
+}
+
+
+class _Sql:
+    """Every statement, written once with `?` markers; `now` is the database clock in ms."""
+
+    def __init__(self, dialect):
+        now, lock = dialect.now_ms, dialect.lock_rows
+        q = dialect.translate
+        self.now = q(f"SELECT {now}")
+        self.insert_job = q(f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})")
+        self.find_idempotent = q(f"SELECT {_COLS} FROM jobs WHERE owner = ? AND idempotency_key = ?")
+        self.get_job = q(f"SELECT {_COLS} FROM jobs WHERE id = ?")
+        self.count_queued = q("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+        self.claim_select = q(
+            f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
+            f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
+        self.claim_update = q(
+            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_token = lease_token + 1, "
+            f"lease_expires = {now} + ?, attempts = attempts + 1, "
+            f"started_at = COALESCE(started_at, {now}) WHERE id = ? AND state = 'queued'")
+        fence = "WHERE id = ? AND state = 'running' AND lease_token = ?"
+        self.renew = q(f"UPDATE jobs SET lease_expires = {now} + ? {fence}")
+        self.cancel_flags = q(
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1")
+        self.progress = q(f"UPDATE jobs SET progress = ? {fence}")
+        self.finish = q(
+            f"UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = {now}, "
+            f"lease_owner = NULL, lease_expires = NULL {fence}")
+        self.requeue = q(
+            f"UPDATE jobs SET state = 'queued', error = ?, run_at = {now} + ?, "
+            f"lease_owner = NULL, lease_expires = NULL {fence}")
+        self.give_back = q(
+            f"UPDATE jobs SET state = 'queued', attempts = attempts - 1, run_at = {now}, "
+            f"lease_owner = NULL, lease_expires = NULL {fence}")
+        self.crash_requeue = q(
+            f"UPDATE jobs SET state = 'queued', crashes = crashes + 1, run_at = {now}, "
+            f"lease_owner = NULL, lease_expires = NULL {fence}")
+        self.crash_fail = q(
+            f"UPDATE jobs SET state = 'failed', crashes = crashes + 1, error = ?, finished_at = {now}, "
+            f"lease_owner = NULL, lease_expires = NULL {fence}")
+        self.expired = q(
+            f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' "
+            f"AND lease_expires < {now}{lock}")
+        self.held_by = q(
+            f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' AND lease_owner = ?{lock}")
+        self.running_owners = q("SELECT DISTINCT lease_owner FROM jobs WHERE state = 'running'")
+        self.touch = q(f"UPDATE jobs SET lease_expires = lease_expires {fence}")
+        self.state_of = q(f"SELECT state FROM jobs WHERE id = ?{lock}")
+        self.cancel_queued = q(
+            f"UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = {now} "
+            "WHERE id = ? AND state = 'queued'")
+        self.cancel_running = q("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'")
+        self.retry = q(
+            f"UPDATE jobs SET state = 'queued', attempts = 0, crashes = 0, result = NULL, error = NULL, "
+            f"progress = NULL, cancel_requested = 0, run_at = {now}, started_at = NULL, "
+            "finished_at = NULL WHERE id = ? AND state IN ('failed', 'cancelled')")
+        # steps
+        self.get_step = q("SELECT name, seq, state, result, error, started_at, finished_at "
+                          "FROM steps WHERE job_id = ? AND name = ?")
+        self.get_steps = q("SELECT name, seq, state, result, error, started_at, finished_at "
+                           "FROM steps WHERE job_id = ? ORDER BY seq")
+        self.start_step = q(
+            "REPLACE INTO steps (job_id, name, seq, state, result, error, started_at, finished_at) "
+            f"VALUES (?, ?, ?, 'running', NULL, NULL, {now}, NULL)")
+        self.end_step = q(
+            f"UPDATE steps SET state = ?, result = ?, error = ?, finished_at = {now} "
+            "WHERE job_id = ? AND name = ?")
+        # callbacks
+        self.add_callback = q(
+            "INSERT INTO callbacks (id, job_id, url, state, attempts, next_at, created_at) "
+            f"SELECT ?, id, callback_url, 'pending', 0, {now}, {now} FROM jobs "
+            "WHERE id = ? AND callback_url IS NOT NULL")
+        cb_cols = "id, job_id, url, state, attempts, next_at, claim_token, last_error, delivered_at, created_at"
+        self.latest_callback = q(
+            f"SELECT {cb_cols} FROM callbacks WHERE job_id = ? ORDER BY created_at DESC, id DESC LIMIT 1")
+        self.due_callbacks = q(
+            f"SELECT {cb_cols} FROM callbacks WHERE state = 'pending' AND next_at <= {now} "
+            f"ORDER BY next_at LIMIT ?{lock}")
+        self.claim_callback = q(
+            f"UPDATE callbacks SET claim_token = claim_token + 1, next_at = {now} + ? "
+            "WHERE id = ? AND state = 'pending'")
+        self.record_callback = q(
+            f"UPDATE callbacks SET state = ?, attempts = attempts + 1, last_error = ?, next_at = {now} + ?, "
+            f"delivered_at = CASE WHEN ? = 'delivered' THEN {now} ELSE NULL END "
+            "WHERE id = ? AND claim_token = ? AND state = 'pending'")
+        self.rearm_callback = q(
+            f"UPDATE callbacks SET state = 'pending', attempts = 0, next_at = {now}, last_error = NULL "
+            "WHERE id = ? AND state = 'failed'")
+        # tokens, settings, projects
+        self.add_token = q(f"INSERT INTO tokens (name, token_hash, admin, created_at) VALUES (?, ?, ?, {now})")
+        self.find_token = q("SELECT name, admin FROM tokens WHERE token_hash = ?")
+        self.count_tokens = q("SELECT COUNT(*) FROM tokens")
+        self.get_setting = q("SELECT value FROM settings WHERE name = ?")
+        self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
+        self.add_project = q(
+            f"INSERT INTO projects (projname, prodesc, job_id, created_at) VALUES (?, ?, ?, {now})")
+        self.get_projects = q("SELECT projname, prodesc, job_id FROM projects WHERE job_id = ?")
+        # schema
+        self.version_table = q("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        self.get_version = q("SELECT MAX(version) FROM schema_version")
+        self.set_version = q("INSERT INTO schema_version (version) VALUES (?)")
+        self.list = self._list_queries(q)
+        self.list_steps = {key: q(
+            "SELECT s.job_id, s.name, s.seq, s.state, s.started_at, s.finished_at FROM steps s "
+            f"JOIN (SELECT id FROM jobs{where} ORDER BY id DESC LIMIT ?) page ON s.job_id = page.id "
+            "ORDER BY s.job_id, s.seq") for key, where in self._list_filters()}
+
+    @staticmethod
+    def _list_filters():
+        """One WHERE clause per combination of the optional filters, built from constants."""
+        names = ("owner", "state", "task", "before")
+        tests = {"owner": "owner = ?", "state": "state = ?", "task": "task = ?", "before": "id < ?"}
+        for mask in range(16):
+            key = tuple(bool(mask & (1 << i)) for i in range(4))
+            used = [tests[n] for n, on in zip(names, key) if on]
+            yield key, (" WHERE " + " AND ".join(used)) if used else ""
+
+    def _list_queries(self, q):
+        return {key: q(f"SELECT {_COLS} FROM jobs{where} ORDER BY id DESC LIMIT ?")
+                for key, where in self._list_filters()}
+
+
+def _rows(cur):
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+def _one(cur):
+    rows = _rows(cur)
+    return rows[0] if rows else None
+
+
+def decode_job(row):
+    """A job row with its JSON columns decoded."""
+    if row is None:
+        return None
+    job = dict(row)
+    for col in ("params", "progress", "result", "error"):
+        job[col] = loads(job[col])
+    job["cancel_requested"] = bool(job["cancel_requested"])
+    job["state"] = State(job["state"])
+    return job
+
+
+class Journal:
+    """The durable store behind a JobServer. Thread-safe; one instance per process is enough.
+
+    Opened with `open_journal(url)`. Reads run on per-thread (SQLite) or pooled (MySQL)
+    connections; writes run in shared transactions on the committer thread.
+    """
+
+    def __init__(self, driver):
+        self.driver = driver
+        self.dialect = driver.dialect
+        self.sql = _Sql(self.dialect)
+        self.url = driver.url
+        self._migrate()
+        self._writer = GroupCommitter(self._run_batch)
+        self._closed = False
+
+    # --- plumbing ---------------------------------------------------------------------
+    def close(self):
+        """Commit queued writes and close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        self.driver.close()
+
+    def _read(self, fn):
+        return self.driver.read(fn)
+
+    def _write(self, fn):
+        return self._writer.call(fn)
+
+    def _run_batch(self, batch):
+        """Run a batch in one write transaction; retry it whole on a transient failure."""
+        delay = 0.005
+        for attempt in range(12):
+            try:
+                self.driver.write_transaction(lambda cur: self._apply(batch, cur))
+                return
+            except drivers.TransientError:
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 1.0)
+            except drivers.StatementError as exc:
+                if len(batch) == 1:
+                    raise JournalUnavailable(f"the journal refused the write: {exc.__cause__}") from exc
+                for op in batch:  # find the one that failed: run each alone
+                    self._run_batch([op])
+                return
+        raise JournalUnavailable("the journal stayed busy; try again later")
+
+    @staticmethod
+    def _apply(batch, cur):
+        for op in batch:
+            op.error = None
+            try:
+                op.result = op.fn(cur)
+            except (IdempotencyConflict, InvalidTransition, LeaseLost) as exc:
+                op.error = exc
+
+    def _migrate(self):
+        def migrate(cur):
+            cur.execute(self.sql.version_table)
+            cur.execute(self.sql.get_version)
+            current = cur.fetchone()[0] or 0
+            for version in sorted(v for v in MIGRATIONS if v > current):
+                for statement in MIGRATIONS[version]:
+                    cur.execute(self.dialect.ddl(statement))
+                cur.execute(self.sql.set_version, (version,))
+        self.driver.migrate(migrate)
+
+    def ping(self):
+        """Raise JournalUnavailable unless the database answers."""
+        return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
+
+    # --- submit -----------------------------------------------------------------------
+    def insert_jobs(self, jobs):
+        """Insert jobs (dicts of JOB_COLUMNS less the clock columns) in one transaction.
+
+        `delay_ms` in a job sets its run_at after the database's now. Returns a list of
+        (row, created) pairs; an idempotency key already used by the same owner with
+        the same request_hash gives the existing row and created=False, with another
+        hash IdempotencyConflict (and nothing of the batch is written).
+        """
+        def op(cur):
+            cur.execute(self.sql.now)
+            now = cur.fetchone()[0]
+            out, fresh = [], []
+            for job in jobs:
+                existing = self._find_idempotent(cur, job)
+                if existing is not None:
+                    out.append((existing, False))
+                    continue
+                row = dict(job, created_at=now, run_at=now + job.get("delay_ms", 0), state="queued",
+                           attempts=0, lease_owner=None, lease_token=0, lease_expires=None, crashes=0,
+                           progress=None, result=None, error=None, cancel_requested=0,
+                           started_at=None, finished_at=None)
+                row.pop("delay_ms", None)
+                out.append((row, True))
+                fresh.append(tuple(row[c] for c in JOB_COLUMNS))
+            if fresh:
+                try:
+                    cur.executemany(self.sql.insert_job, fresh)
+                except self.driver.integrity_errors as exc:
+                    # another process took one of our idempotency keys just now: run again
+                    raise drivers.TransientError() from exc
+            return out
+        return self._write(op)
+
+    def _find_idempotent(self, cur, job):
+        if job.get("idempotency_key") is None:
+            return None
+        cur.execute(self.sql.find_idempotent, (job["owner"], job["idempotency_key"]))
+        existing = _one(cur)
+        if existing is None:
+            return None
+        if existing["request_hash"] != job["request_hash"]:
+            raise IdempotencyConflict(job["idempotency_key"], existing["id"])
+        return existing
+
+    def count_queued(self):
+        return self._read(lambda cur: (cur.execute(self.sql.count_queued), cur.fetchone()[0])[1])
+
+    # --- reads ------------------------------------------------------------------------
+    def get_job(self, job_id):
+        """The raw job row, or None."""
+        return self._read(lambda cur: (cur.execute(self.sql.get_job, (job_id,)), _one(cur))[1])
+
+    def get_steps(self, job_id):
+        return self._read(lambda cur: (cur.execute(self.sql.get_steps, (job_id,)), _rows(cur))[1])
+
+    def get_step(self, job_id, name):
+        return self._read(lambda cur: (cur.execute(self.sql.get_step, (job_id, name)), _one(cur))[1])
+
+    def list_jobs(self, owner=None, state=None, task=None, before=None, limit=50, with_steps=True):
+        """Jobs newest first, filtered; `before` is the id to continue below (a cursor).
+
+        Returns (rows, steps_by_job_id)."""
+        key = (owner is not None, state is not None, task is not None, before is not None)
+        args = tuple(v for v in (owner, state, task, before) if v is not None) + (limit,)
+
+        def read(cur):
+            cur.execute(self.sql.list[key], args)
+            rows = _rows(cur)
+            steps = {}
+            if with_steps and rows:
+                cur.execute(self.sql.list_steps[key], args)
+                for step in _rows(cur):
+                    steps.setdefault(step.pop("job_id"), []).append(step)
+            return rows, steps
+        return self._read(read)
+
+    # --- claim, lease, finish ---------------------------------------------------------
+    def claim(self, node, limit, lease_ms):
+        """Take up to `limit` due queued jobs for `node`, best priority first, in one transaction.
+
+        Each claimed job is `running` with a new lease token and one more attempt; the
+        returned rows carry the values now in the table."""
+        def op(cur):
+            cur.execute(self.sql.claim_select, (limit,))
+            rows = _rows(cur)
+            if not rows:
+                return []
+            cur.executemany(self.sql.claim_update, [(node, lease_ms, r["id"]) for r in rows])
+            for r in rows:
+                r.update(state="running", lease_owner=node, lease_token=r["lease_token"] + 1,
+                         attempts=r["attempts"] + 1)
+            return [decode_job(r) for r in rows]
+        return self._write(op)
+
+    def renew(self, leases, lease_ms, node):
+        """Extend the leases [(id, token)] this node holds.
+
+        Returns (lost, cancel): ids whose lease is gone, ids whose cancel was requested."""
+        def op(cur):
+            lost = set()
+            for job_id, token in leases:
+                cur.execute(self.sql.renew, (lease_ms, job_id, token))
+                if cur.rowcount == 0:
+                    lost.add(job_id)
+            cur.execute(self.sql.cancel_flags, (node,))
+            return lost, {row[0] for row in cur.fetchall()}
+        return self._write(op)
+
+    def set_progress(self, job_id, token, progress):
+        """Record progress without waiting for the commit (a lost note is harmless)."""
+        text = dumps(progress)
+        self._writer.cast(lambda cur: cur.execute(self.sql.progress, (text, job_id, token)))
+
+    def _fence(self, cur, job_id, token):
+        cur.execute(self.sql.touch, (job_id, token))
+        if cur.rowcount == 0:
+            raise LeaseLost(job_id)
+
+    def finish(self, job_id, token, state, result=None, error=None, callback_id=None):
+        """End a run in a terminal state; write its callback delivery in the same transaction.
+
+        Raises LeaseLost if this run no longer holds the job."""
+        state = State(state)
+        assert state in TERMINAL
+        result_text = None if result is None else dumps(result)
+        error_text = None if error is None else dumps(error)
+
+        def op(cur):
+            cur.execute(self.sql.finish, (state.value, result_text, error_text, job_id, token))
+            if cur.rowcount == 0:
+                raise LeaseLost(job_id)
+            if callback_id is not None:
+                cur.execute(self.sql.add_callback, (callback_id, job_id))
+        self._write(op)
+
+    def requeue(self, job_id, token, delay_ms, error):
+        """Put a failed run back in the queue for a retry after `delay_ms`."""
+        text = dumps(error)
+
+        def op(cur):
+            cur.execute(self.sql.requeue, (text, delay_ms, job_id, token))
+            if cur.rowcount == 0:
+                raise LeaseLost(job_id)
+        self._write(op)
+
+    def give_back(self, job_id, token):
+        """Return a job this node will not finish (shutdown) to the queue; its attempt is not counted."""
+        def op(cur):
+            cur.execute(self.sql.give_back, (job_id, token))
+            return cur.rowcount == 1
+        return self._write(op)
+
+    def recover(self, max_crashes, worker_lost_error, new_callback_id, owner=None):
+        """Requeue running jobs whose lease expired (or, with `owner`, that a dead node held).
+
+        A job's crash count goes up by one; at `max_crashes` it fails with `worker_lost_error`
+        instead. Returns (requeued_ids, failed_ids)."""
+        error_text = dumps(worker_lost_error)
+
+        def op(cur):
+            if owner is None:
+                cur.execute(self.sql.expired)
+            else:
+                cur.execute(self.sql.held_by, (owner,))
+            requeued, failed = [], []
+            for job_id, token, crashes in cur.fetchall():
+                if crashes + 1 >= max_crashes:
+                    cur.execute(self.sql.crash_fail, (error_text, job_id, token))
+                    if cur.rowcount:
+                        cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
+                        failed.append(job_id)
+                else:
+                    cur.execute(self.sql.crash_requeue, (job_id, token))
+                    if cur.rowcount:
+                        requeued.append(job_id)
+            return requeued, failed
+        return self._write(op)
+
+    def running_owners(self):
+        """The lease owners of every running job (to find dead nodes on this host)."""
+        return self._read(lambda cur: (cur.execute(self.sql.running_owners),
+                                       [r[0] for r in cur.fetchall()])[1])
+
+    # --- steps ------------------------------------------------------------------------
+    def start_step(self, job_id, token, name, seq):
+        """Mark a step running (queued with the next commit, not awaited)."""
+        def op(cur):
+            self._fence(cur, job_id, token)
+            cur.execute(self.sql.start_step, (job_id, name, seq))
+        self._writer.cast(op)
+
+    def end_step(self, job_id, token, name, state, result=None, error=None):
+        """Record a step's outcome; returns once committed. Raises LeaseLost if fenced out."""
+        result_text = None if result is None else dumps(result)
+        error_text = None if error is None else dumps(error)
+
+        def op(cur):
+            self._fence(cur, job_id, token)
+            cur.execute(self.sql.end_step, (state, result_text, error_text, job_id, name))
+        self._write(op)
+
+    # --- user actions -----------------------------------------------------------------
+    def cancel(self, job_id, new_callback_id):
+        """Cancel a queued job at once, or flag a running one. Returns the new state.
+
+        Raises InvalidTransition for a finished job, and KeyError for none."""
+        def op(cur):
+            cur.execute(self.sql.state_of, (job_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise InvalidTransition(job_id, None, "cancel")
+            state = row[0]
+            if state == "queued":
+                cur.execute(self.sql.cancel_queued, (job_id,))
+                cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
+                return State.CANCELLED
+            if state == "running":
+                cur.execute(self.sql.cancel_running, (job_id,))
+                return State.RUNNING
+            raise InvalidTransition(job_id, state, "cancel")
+        return self._write(op)
+
+    def retry(self, job_id):
+        """Queue a failed or cancelled job again under the same id."""
+        def op(cur):
+            cur.execute(self.sql.retry, (job_id,))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.state_of, (job_id,))
+                row = cur.fetchone()
+                raise InvalidTransition(job_id, row[0] if row else None, "retry")
+        self._write(op)
+
+    # --- callbacks --------------------------------------------------------------------
+    def latest_callback(self, job_id):
+        return self._read(lambda cur: (cur.execute(self.sql.latest_callback, (job_id,)), _one(cur))[1])
+
+    def claim_callbacks(self, limit, lease_ms):
+        """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`."""
+        def op(cur):
+            cur.execute(self.sql.due_callbacks, (limit,))
+            rows = _rows(cur)
+            for row in rows:
+                cur.execute(self.sql.claim_callback, (lease_ms, row["id"]))
+                row["claim_token"] += 1
+            return rows
+        return self._write(op)
+
+    def record_callback(self, callback_id, token, state, last_error=None, retry_in_ms=0):
+        """Record one delivery attempt: state 'delivered', 'failed', or 'pending' (retry later)."""
+        def op(cur):
+            cur.execute(self.sql.record_callback,
+                        (state, last_error, retry_in_ms, state, callback_id, token))
+            return cur.rowcount == 1
+        return self._write(op)
+
+    def rearm_callback(self, job_id):
+        """Make a job's failed delivery pending again; returns False if there is none failed."""
+        def op(cur):
+            cur.execute(self.sql.latest_callback, (job_id,))
+            row = _one(cur)
+            if row is None:
+                return False
+            cur.execute(self.sql.rearm_callback, (row["id"],))
+            return cur.rowcount == 1
+        return self._write(op)
+
+    # --- tokens, settings, projects ---------------------------------------------------
+    def add_token(self, name, token_hash, admin):
+        def op(cur):
+            try:
+                cur.execute(self.sql.add_token, (name, token_hash, int(admin)))
+            except self.driver.integrity_errors:
+                raise InvalidTransition(name, "existing", "create token") from None
+        self._write(op)
+
+    def find_token(self, token_hash):
+        """(name, admin) for a token hash, or None."""
+        row = self._read(lambda cur: (cur.execute(self.sql.find_token, (token_hash,)), cur.fetchone())[1])
+        return None if row is None else (row[0], bool(row[1]))
+
+    def has_tokens(self):
+        return self._read(lambda cur: (cur.execute(self.sql.count_tokens), cur.fetchone()[0])[1]) > 0
+
+    def setting(self, name, default_factory=None):
+        """A stored setting; with `default_factory`, store its value first if none exists."""
+        def read(cur):
+            cur.execute(self.sql.get_setting, (name,))
+            row = cur.fetchone()
+            return None if row is None else row[0]
+        value = self._read(read)
+        if value is None and default_factory is not None:
+            fresh = default_factory()
+            self._write(lambda cur: cur.execute(self.sql.add_setting, (name, fresh)))
+            value = self._read(read)  # another process may have won the race
+        return value
+
+    def add_project(self, projname, prodesc, job_id):
+        """Insert a row into the demo `projects` table (the create-project use case)."""
+        self._write(lambda cur: cur.execute(self.sql.add_project, (projname, prodesc, job_id)))
+
+    def projects_for(self, job_id):
+        return self._read(lambda cur: (cur.execute(self.sql.get_projects, (job_id,)), _rows(cur))[1])
+
+
+def open_journal(url, **options):
+    """Open (creating or migrating) the journal at `url`: sqlite:///path or mysql://user:pw@host/db."""
+    return Journal(drivers.connect(url, **options))

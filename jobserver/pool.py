@@ -1,0 +1,371 @@
+"""The pool: claims due jobs from the journal and runs them on a ThreadPoolExecutor.
+
+One dispatcher thread claims jobs in batches (up to the free worker slots), renews
+the leases of running jobs, enforces time limits and requeues jobs whose owner died.
+Outcomes are recorded inside the worker function, never in future callbacks (those
+swallow exceptions), and are retried while the journal is unreachable.
+
+A Python thread cannot be killed. A job past its time limit is failed with
+TimeoutError and asked to stop (ctx.cancelled); its thread keeps its worker slot
+until the task function returns, and anything it writes afterwards is fenced out.
+"""
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .codec import dumps
+from .errors import JobCancelled, JournalUnavailable, LeaseLost, UnknownTask
+from .ids import new_id
+from .journal import State
+from .tasks import JobContext
+
+log = logging.getLogger(__name__)
+
+MAX_TRACEBACK = 16_000
+MAX_MESSAGE = 2_000
+
+
+def _node_scope():
+    """Identifies the pid namespace of this kernel boot: a pid can be checked only within it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{socket.gethostname()}~{uuid.uuid5(uuid.NAMESPACE_OID, f'{boot}/{ns}').hex[:12]}"
+
+
+def make_node_id():
+    """`scope/pid/random`: unique per process incarnation, and says where its pid lives."""
+    return f"{_node_scope() or socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def _dead_local_owner(owner, scope):
+    """True if `owner` was a process in our pid namespace that no longer exists."""
+    parts = (owner or "").rsplit("/", 2)
+    if scope is None or len(parts) != 3 or parts[0] != scope or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False  # another pool of this very process (tests build several)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+
+def error_info(exc, with_traceback=True):
+    """The job's `error` object for an exception."""
+    info = {"type": type(exc).__name__, "message": str(exc)[:MAX_MESSAGE]}
+    if with_traceback:
+        info["traceback"] = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+    return info
+
+
+def backoff_seconds(base, cap, failures):
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    if base <= 0:
+        return 0.0
+    delay = min(cap, base * 2 ** (failures - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+@dataclass
+class _Run:
+    job: dict
+    ctx: JobContext
+    deadline: float | None
+    abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
+
+
+class Pool:
+    """Runs jobs from a journal. Build it, `start()`, and `stop()` to shut down in order."""
+
+    def __init__(self, journal, registry, *, workers=8, lease_seconds=30.0, poll_interval=0.5,
+                 shutdown_grace=10.0, max_crashes=3, listener=None, node_id=None):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.journal = journal
+        self.registry = registry
+        self.workers = workers
+        self.lease_ms = int(lease_seconds * 1000)
+        self.poll_interval = poll_interval
+        self.shutdown_grace = shutdown_grace
+        self.max_crashes = max_crashes
+        self.node_id = node_id or make_node_id()
+        self._listener = listener
+        self._scope = _node_scope()
+        self._running = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()
+        self._executor = None
+        self._dispatcher = None
+
+    # --- lifecycle --------------------------------------------------------------------
+    def start(self):
+        """Recover what dead processes left running, then start claiming."""
+        self.recover(local_dead=True)
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="jobserver-worker")
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="jobserver-dispatcher",
+                                            daemon=True)
+        self._dispatcher.start()
+        log.info("pool %s started with %d workers", self.node_id, self.workers)
+
+    def stop(self, grace=None):
+        """Stop claiming, let running jobs finish for `grace` seconds, give the rest back."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join()
+        grace = self.shutdown_grace if grace is None else grace
+        with self._idle:
+            self._idle.wait_for(lambda: not self._running, timeout=grace)
+            leftover = list(self._running.values())
+        for run in leftover:
+            run.ctx.request_cancel("the server is shutting down")
+            run.abandoned = True
+            try:
+                if self.journal.give_back(run.job["id"], run.ctx._token):
+                    log.warning("job %s given back to the queue at shutdown", run.job["id"])
+            except JournalUnavailable:
+                log.warning("job %s not given back (journal unreachable); its lease will expire",
+                            run.job["id"])
+        self._abandon.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self):
+        """Claim now: a job was submitted in this process."""
+        self._wake.set()
+
+    def join(self, timeout=None):
+        """Wait until nothing runs here (for tests and drains). Returns True if idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._running, timeout=timeout)
+
+    def running_ids(self):
+        with self._lock:
+            return list(self._running)
+
+    def cancel_local(self, job_id):
+        """Tell a job running in this process to stop now (the journal flag reaches others)."""
+        with self._lock:
+            run = self._running.get(job_id)
+        if run is not None:
+            run.ctx.request_cancel()
+
+    # --- dispatcher -------------------------------------------------------------------
+    def _dispatch_loop(self):
+        heartbeat_every = max(self.lease_ms / 3000, 0.05)
+        next_heartbeat = next_sweep = time.monotonic() + heartbeat_every
+        failures = 0
+        while not self._stopping.is_set():
+            self._wake.clear()
+            full_batch = False
+            try:
+                full_batch = self._claim()
+                now = time.monotonic()
+                self._enforce_time_limits(now)
+                if now >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = now + heartbeat_every
+                if now >= next_sweep:
+                    self.recover(local_dead=False)
+                    next_sweep = now + heartbeat_every * 1.5
+                failures = 0
+            except JournalUnavailable as exc:
+                failures += 1
+                log.warning("journal unavailable in dispatcher (%s); retrying", exc)
+                self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
+                continue
+            if not full_batch:
+                self._wake.wait(self._wait_time(next_heartbeat))
+
+    def _wait_time(self, next_heartbeat):
+        wait = min(self.poll_interval, max(0.0, next_heartbeat - time.monotonic()))
+        with self._lock:
+            deadlines = [r.deadline for r in self._running.values() if r.deadline and not r.abandoned]
+        if deadlines:
+            wait = min(wait, max(0.0, min(deadlines) - time.monotonic()))
+        return wait
+
+    def _claim(self):
+        with self._lock:
+            free = self.workers - len(self._running)
+        if free <= 0:
+            return False
+        jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+        for job in jobs:
+            self._start_run(job)
+        return len(jobs) == free
+
+    def _start_run(self, job):
+        timeout = job.get("timeout")
+        if timeout is None and job["task"] in self.registry:
+            timeout = self.registry.get(job["task"]).timeout
+        ctx = JobContext(job, self.journal, on_progress=self._progress_event)
+        run = _Run(job, ctx, time.monotonic() + timeout if timeout else None)
+        with self._lock:
+            self._running[job["id"]] = run
+        self._notify("state", job["id"], {"state": "running", "attempt": job["attempts"]})
+        self._executor.submit(self._work, run)
+
+    def _enforce_time_limits(self, now):
+        with self._lock:
+            late = [r for r in self._running.values() if r.deadline and now >= r.deadline and not r.abandoned]
+        for run in late:
+            run.abandoned = True
+            run.ctx.request_cancel("time limit exceeded")
+            limit = run.deadline - run.ctx.started
+            exc = TimeoutError(f"job exceeded its time limit of {limit:g} s")
+            log.warning("job %s exceeded its time limit of %g s", run.job["id"], limit)
+            self._record(run, lambda: self._finish(run, State.FAILED, error=error_info(exc, False)))
+
+    def _heartbeat(self):
+        with self._lock:
+            leases = [(r.job["id"], r.ctx._token) for r in self._running.values() if not r.abandoned]
+        if not leases:
+            return
+        lost, cancel = self.journal.renew(leases, self.lease_ms, self.node_id)
+        with self._lock:
+            runs = {job_id: self._running.get(job_id) for job_id in lost | cancel}
+        for job_id, run in runs.items():
+            if run is None:
+                continue
+            if job_id in lost:
+                log.warning("job %s: lease lost; stopping this run", job_id)
+                run.abandoned = True
+                run.ctx.request_cancel("lease lost")
+            else:
+                run.ctx.request_cancel()
+
+    def recover(self, local_dead=False):
+        """Requeue jobs whose lease expired; with `local_dead`, also those held by dead local processes."""
+        owners = [None]
+        if local_dead:
+            owners += [o for o in set(self.journal.running_owners()) if _dead_local_owner(o, self._scope)]
+        lost = error_info(RuntimeError(), False)
+        lost.update(type="WorkerLost",
+                    message=f"the job's process died {self.max_crashes} times while running it")
+        for owner in owners:
+            requeued, failed = self.journal.recover(self.max_crashes, lost, self._callback_id, owner=owner)
+            for job_id in requeued:
+                log.warning("job %s recovered from a dead worker; queued again", job_id)
+            for job_id in failed:
+                log.error("job %s failed with WorkerLost after %d crashes", job_id, self.max_crashes)
+                self._notify("state", job_id, {"state": "failed"})
+            if requeued:
+                self._wake.set()
+
+    # --- running a job ----------------------------------------------------------------
+    def _work(self, run):
+        job_id = run.job["id"]
+        try:
+            self._execute(run)
+        except (KeyboardInterrupt, SystemExit):
+            run.abandoned = True
+            self._record(run, lambda: self.journal.give_back(job_id, run.ctx._token))
+            raise
+        except Exception:  # a bug here must not leave the job 'running' with a live lease
+            log.exception("job %s: recording its outcome failed", job_id)
+        finally:
+            with self._idle:
+                self._running.pop(job_id, None)
+                self._idle.notify_all()
+            self._wake.set()
+
+    def _execute(self, run):
+        job, ctx = run.job, run.ctx
+        try:
+            spec = self.registry.get(job["task"])
+        except UnknownTask as exc:
+            return self._fail(run, exc, retryable=False)
+        try:
+            result = spec.fn(ctx, **job["params"])
+        except JobCancelled as exc:
+            return self._record(run, lambda: self._finish(run, State.CANCELLED,
+                                                          error=error_info(exc, False)))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # anything else a task raises ends the job, not the thread
+            return self._fail(run, exc, retryable=True)
+        try:
+            dumps(result)
+        except (TypeError, ValueError) as exc:
+            bad = TypeError(f"the task's result cannot be stored as JSON: {exc}")
+            return self._fail(run, bad, retryable=False)
+        self._record(run, lambda: self._finish(run, State.SUCCEEDED, result=result))
+
+    def _fail(self, run, exc, retryable):
+        job = run.job
+        spec = self.registry.tasks.get(job["task"])
+        failures = job["attempts"] - job["crashes"]
+        error = error_info(exc)
+        if retryable and spec is not None and failures <= job["max_retries"] and not run.ctx.cancelled:
+            delay = backoff_seconds(spec.retry_backoff, spec.retry_backoff_max, failures)
+            log.info("job %s failed (%s); retry %d of %d in %.1f s", job["id"], error["type"],
+                     failures, job["max_retries"], delay)
+
+            def requeue():
+                self.journal.requeue(job["id"], run.ctx._token, int(delay * 1000), error)
+                self._notify("state", job["id"], {"state": "queued", "error": error})
+            return self._record(run, requeue)
+        log.info("job %s failed: %s: %s", job["id"], error["type"], error["message"])
+        return self._record(run, lambda: self._finish(run, State.FAILED, error=error))
+
+    def _finish(self, run, state, result=None, error=None):
+        job_id = run.job["id"]
+        callback_id = self._callback_id() if run.job.get("callback_url") else None
+        self.journal.finish(job_id, run.ctx._token, state, result=result, error=error,
+                            callback_id=callback_id)
+        self._notify("state", job_id, {"state": state.value})
+
+    def _record(self, run, write):
+        """Write an outcome, retrying while the journal is unreachable (until shutdown gives up)."""
+        delay = 0.05
+        while True:
+            try:
+                return write()
+            except LeaseLost:
+                log.warning("job %s: outcome not recorded, the run no longer holds the job", run.job["id"])
+                return None
+            except JournalUnavailable as exc:
+                if self._abandon.is_set():
+                    log.error("job %s: outcome lost at shutdown (%s); the job will be recovered",
+                              run.job["id"], exc)
+                    return None
+                log.warning("job %s: journal unavailable (%s); retrying in %.1f s", run.job["id"], exc, delay)
+                self._abandon.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    def _callback_id():
+        return "msg_" + new_id().replace("-", "")
+
+    def _progress_event(self, job_id, note):
+        self._notify("progress", job_id, note)
+
+    def _notify(self, kind, job_id, data):
+        if self._listener is None:
+            return
+        try:
+            self._listener(kind, job_id, data)
+        except Exception:  # a listener's bug must not stop the pool
+            log.exception("job %s: event listener failed", job_id)

@@ -1,0 +1,333 @@
+"""JobServer: the journal, the pool and the callbacks wired together; the in-process API.
+
+Everything the HTTP layer does goes through here, so an embedding application can
+do the same in-process: submit, get, list, wait, cancel, retry."""
+import hashlib
+import importlib
+import logging
+import threading
+import time
+
+from .codec import dumps
+from .config import Config
+from .errors import (InvalidJob, JobNotFound, QueueFull, ServerClosed)
+from .ids import format_ms, new_id
+from .journal import TERMINAL, State, decode_job, open_journal
+from .pool import Pool
+from .tasks import Registry, default_registry
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+MAX_PRIORITY = 1000
+MAX_DELAY = 366 * 24 * 3600.0
+MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_RETRIES = 100
+MAX_KEY = 190
+MAX_TASK = 200
+_OPTIONS = {"params", "priority", "delay", "max_retries", "timeout", "idempotency_key", "callback_url"}
+
+
+class Waiters:
+    """Wakes threads waiting for a job to end (long-poll, tests) when this process ends it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events = {}
+
+    def add(self, job_id):
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(job_id, set()).add(event)
+        return event
+
+    def remove(self, job_id, event):
+        with self._lock:
+            waiting = self._events.get(job_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._events[job_id]
+
+    def notify(self, job_id):
+        with self._lock:
+            waiting = list(self._events.get(job_id, ()))
+        for event in waiting:
+            event.set()
+
+
+def _request_hash(task, params):
+    return hashlib.sha256(dumps([task, params]).encode()).hexdigest()
+
+
+def load_task_modules(names):
+    """Import modules whose @task decorators fill the default registry."""
+    for name in names:
+        importlib.import_module(name)
+
+
+class JobServer:
+    """A job server in this process: `JobServer("sqlite:///jobs.db", workers=8).start()`.
+
+    `tasks` is a Registry (default: the module-level one that @task fills) or a list of
+    module names to import into it. Other keyword arguments override Config fields."""
+
+    def __init__(self, db=None, *, tasks=None, workers=None, config=None, **options):
+        config = config or Config()
+        changes = dict(options)
+        if db is not None:
+            changes["db"] = db
+        if workers is not None:
+            changes["workers"] = workers
+        self.config = config.with_(**changes)
+        if tasks is None or isinstance(tasks, Registry):
+            self.registry = tasks if tasks is not None else default_registry
+        else:
+            load_task_modules(tasks)
+            self.registry = default_registry
+        load_task_modules(self.config.tasks)
+        self.journal = open_journal(self.config.db)
+        self.waiters = Waiters()
+        self._listeners = []
+        self.pool = Pool(self.journal, self.registry, workers=self.config.workers,
+                         lease_seconds=self.config.lease_seconds,
+                         poll_interval=self.config.poll_interval,
+                         shutdown_grace=self.config.shutdown_grace,
+                         max_crashes=self.config.max_crashes, listener=self._on_event,
+                         node_id=self.config.node_id)
+        self.callback_guard = None  # set by the callbacks layer: url -> normalised url or InvalidCallback
+        self._depth = (0.0, 0)
+        self._state = "new"
+        self._lock = threading.Lock()
+
+    # --- lifecycle --------------------------------------------------------------------
+    def start(self):
+        """Recover, then run jobs. Returns self."""
+        with self._lock:
+            if self._state != "new":
+                raise ServerClosed(f"server is {self._state}")
+            self._state = "running"
+        self.pool.start()
+        return self
+
+    def stop(self, grace=None):
+        """Refuse new work, let running jobs finish (up to `grace` s), give the rest back, close."""
+        with self._lock:
+            if self._state in ("stopping", "stopped"):
+                return
+            started = self._state == "running"
+            self._state = "stopping"
+        if started:
+            self.pool.stop(grace)
+        self.journal.close()
+        self._state = "stopped"
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def accepting(self):
+        return self._state in ("new", "running")
+
+    def add_listener(self, fn):
+        """`fn(kind, job_id, data)` for job events in this process (state, progress)."""
+        self._listeners.append(fn)
+
+    def _on_event(self, kind, job_id, data):
+        if kind == "state" and data.get("state") in {s.value for s in TERMINAL}:
+            self.waiters.notify(job_id)
+        for fn in self._listeners:
+            fn(kind, job_id, data)
+
+    # --- submit -----------------------------------------------------------------------
+    def submit(self, task, params=None, *, owner=ANONYMOUS, **options):
+        """Journal one job and return its id once the row is committed."""
+        spec = dict(options, task=task, params={} if params is None else params)
+        [(job, _created)] = self.submit_many([spec], owner=owner)
+        return job["id"]
+
+    def submit_many(self, specs, owner=ANONYMOUS):
+        """Journal several jobs in one transaction: [(public job, created)], created=False
+        for an idempotent repeat. All or nothing: one bad spec refuses the batch."""
+        if not self.accepting:
+            raise ServerClosed("the server is shutting down")
+        if len(specs) > self.config.max_batch:
+            raise InvalidJob(f"a batch holds at most {self.config.max_batch} jobs")
+        rows = [self._row(spec, owner) for spec in specs]
+        self._check_depth(len(rows))
+        results = self.journal.insert_jobs(rows)
+        if any(created for _row, created in results):
+            self.pool.wake()
+            self._depth = (self._depth[0], self._depth[1] + len(rows))
+        return [(self.to_public(row, [], None), created) for row, created in results]
+
+    def _row(self, spec, owner):
+        if not isinstance(spec, dict):
+            raise InvalidJob("a job is a JSON object")
+        unknown = set(spec) - _OPTIONS - {"task"}
+        if unknown:
+            raise InvalidJob(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        task = spec.get("task")
+        if not isinstance(task, str) or not task or len(task) > MAX_TASK:
+            raise InvalidJob("'task' must be a non-empty string")
+        task_spec = self.registry.get(task)
+        params = spec.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidJob("'params' must be an object")
+        try:
+            params_text = dumps(params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidJob(f"'params' cannot be stored as JSON: {exc}") from None
+        key = _opt_str(spec, "idempotency_key", MAX_KEY)
+        callback_url = _opt_str(spec, "callback_url", 2048)
+        if callback_url is not None:
+            if self.callback_guard is None:
+                raise InvalidJob("callbacks are not enabled on this server")
+            callback_url = self.callback_guard(callback_url)
+        return {
+            "id": new_id(), "task": task, "owner": owner, "params": params_text,
+            "priority": _opt_int(spec, "priority", -MAX_PRIORITY, MAX_PRIORITY, task_spec.priority),
+            "max_retries": _opt_int(spec, "max_retries", 0, MAX_RETRIES, task_spec.max_retries),
+            "timeout": _opt_num(spec, "timeout", 0.001, MAX_TIMEOUT, None),
+            "delay_ms": int(_opt_num(spec, "delay", 0, MAX_DELAY, 0) * 1000),
+            "callback_url": callback_url, "idempotency_key": key,
+            "request_hash": _request_hash(task, params) if key is not None else None,
+        }
+
+    def _check_depth(self, adding):
+        limit = self.config.max_queued
+        if limit is None:
+            return
+        checked_at, depth = self._depth
+        if time.monotonic() - checked_at > 1.0 or depth + adding > limit:
+            depth = self.journal.count_queued()
+            self._depth = (time.monotonic(), depth)
+        if depth + adding > limit:
+            raise QueueFull(limit, retry_after=max(1, int(self.config.poll_interval * 4)))
+
+    # --- reads and actions ------------------------------------------------------------
+    def get(self, job_id, owner=None):
+        """The job as API.md shows it; JobNotFound if absent or not `owner`'s (None: any owner)."""
+        row = self._visible_row(job_id, owner)
+        steps = self.journal.get_steps(job_id)
+        callback = self.journal.latest_callback(job_id) if row["callback_url"] else None
+        return self.to_public(row, steps, callback)
+
+    def _visible_row(self, job_id, owner):
+        row = self.journal.get_job(job_id) if isinstance(job_id, str) and len(job_id) <= 64 else None
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise JobNotFound(job_id)
+        return row
+
+    def list(self, owner=None, state=None, task=None, cursor=None, limit=50):
+        """(jobs newest first, next cursor or None)."""
+        if state is not None and state not in {s.value for s in State}:
+            raise InvalidJob(f"unknown state {state!r}")
+        rows, steps = self.journal.list_jobs(owner=owner, state=state, task=task, before=cursor,
+                                             limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        jobs = [self.to_public(row, steps.get(row["id"], []), None) for row in rows]
+        return jobs, (rows[-1]["id"] if more else None)
+
+    def wait(self, job_id, timeout, owner=None):
+        """The job once it is terminal, or as it is after `timeout` seconds."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        event = self.waiters.add(job_id)
+        try:
+            while True:
+                job = self.get(job_id, owner)
+                remaining = deadline - time.monotonic()
+                if job["state"] in {s.value for s in TERMINAL} or remaining <= 0:
+                    return job
+                # woken at once when this process ends the job; another process's, at the next look
+                event.wait(min(remaining, self.config.poll_interval))
+                event.clear()
+        finally:
+            self.waiters.remove(job_id, event)
+
+    def cancel(self, job_id, owner=None):
+        """Cancel a queued job, or ask a running one to stop. InvalidTransition if finished."""
+        self._visible_row(job_id, owner)
+        state = self.journal.cancel(job_id, self.pool._callback_id)
+        if state == State.CANCELLED:
+            self._on_event("state", job_id, {"state": "cancelled"})
+        else:
+            self.pool.cancel_local(job_id)
+        return self.get(job_id, owner)
+
+    def retry(self, job_id, owner=None):
+        """Queue a failed or cancelled job again under the same id. InvalidTransition otherwise."""
+        self._visible_row(job_id, owner)
+        self.journal.retry(job_id)
+        self.pool.wake()
+        return self.get(job_id, owner)
+
+    def tasks(self):
+        return [dict(name=spec.name, **spec.options()) for spec in self.registry]
+
+    def health(self):
+        """Raises JournalUnavailable unless the journal answers."""
+        self.journal.ping()
+        return {"status": "ok" if self.accepting else "stopping", "node": self.pool.node_id}
+
+    # --- representation ---------------------------------------------------------------
+    @staticmethod
+    def to_public(row, steps, callback):
+        """A journal row as the job representation of API.md."""
+        job = decode_job(row)
+        return {
+            "id": job["id"], "task": job["task"], "state": job["state"].value, "owner": job["owner"],
+            "params": job["params"], "priority": job["priority"], "attempts": job["attempts"],
+            "max_retries": job["max_retries"], "timeout": job["timeout"],
+            "run_at": format_ms(job["run_at"]), "progress": job["progress"],
+            "steps": [{"name": s["name"], "state": s["state"], "started_at": format_ms(s["started_at"]),
+                       "finished_at": format_ms(s["finished_at"])} for s in steps],
+            "result": job["result"], "error": job["error"],
+            "cancel_requested": job["cancel_requested"],
+            "callback": _public_callback(job, callback),
+            "created_at": format_ms(job["created_at"]), "started_at": format_ms(job["started_at"]),
+            "finished_at": format_ms(job["finished_at"]),
+        }
+
+
+def _public_callback(job, callback):
+    if not job.get("callback_url"):
+        return None
+    if callback is None:
+        return {"url": job["callback_url"], "state": "pending",
+                "attempts": 0, "last_error": None, "delivered_at": None}
+    return {"url": callback["url"], "state": callback["state"], "attempts": callback["attempts"],
+            "last_error": callback["last_error"], "delivered_at": format_ms(callback["delivered_at"])}
+
+
+def _opt_str(spec, name, max_len):
+    value = spec.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise InvalidJob(f"'{name}' must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+def _opt_int(spec, name, low, high, default):
+    value = spec.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidJob(f"'{name}' must be an integer from {low} to {high}")
+    return value
+
+
+def _opt_num(spec, name, low, high, default):
+    value = spec.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidJob(f"'{name}' must be a number from {low} to {high}")
+    return float(value)
