@@ -1,0 +1,67 @@
+"""Shared fixtures: a fresh journal URL per test on SQLite always, and on MariaDB/MySQL
+when JOBSERVER_TEST_MYSQL names a server (then an unreachable server fails the test)."""
+import os
+import time
+import uuid
+from urllib.parse import urlparse, urlunparse
+
+import pymysql
+import pytest
+
+MYSQL_URL = os.environ.get("JOBSERVER_TEST_MYSQL")
+BACKENDS = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("JOBSERVER_") and name != "JOBSERVER_TEST_MYSQL":
+            monkeypatch.delenv(name)
+
+
+def _mysql_admin(url):
+    p = urlparse(url)
+    return pymysql.connect(host=p.hostname or "127.0.0.1", port=p.port or 3306,
+                           user=p.username or "root", password=p.password or "",
+                           autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture
+def mysql_url():
+    """A fresh, empty MySQL database for one test, dropped afterwards."""
+    if not MYSQL_URL:
+        pytest.skip("JOBSERVER_TEST_MYSQL is not set")
+    name = "jst_" + uuid.uuid4().hex[:12]
+    conn = _mysql_admin(MYSQL_URL)  # fails the test if the server is unreachable
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE " + name)  # name is made above from hex digits only
+    p = urlparse(MYSQL_URL)
+    yield urlunparse(p._replace(path="/" + name))
+    with conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS " + name)
+    conn.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'journal.db'}"
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    """A fresh journal URL on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'journal.db'}"
+    return request.getfixturevalue("mysql_url")
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Poll `predicate` until it is truthy or `timeout` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
