@@ -311,7 +311,11 @@ class Journal:
                 if len(batch) == 1:
                     raise JournalUnavailable(f"the journal refused the write: {exc.__cause__}") from exc
                 for op in batch:  # find the one that failed: run each alone
-                    self._run_batch([op])
+                    try:
+                        self._run_batch([op])
+                    except JournalUnavailable as single:
+                        # only this op failed; the others ran (and committed) on their own
+                        op.error = single
                 return
         raise JournalUnavailable("the journal stayed busy; try again later")
 
@@ -338,6 +342,10 @@ class Journal:
     def ping(self):
         """Raise JournalUnavailable unless the database answers."""
         return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
+
+    def schema_version(self):
+        """The schema version recorded in the database (SCHEMA_VERSION once opened)."""
+        return self._read(lambda cur: (cur.execute(self.sql.get_version), cur.fetchone()[0])[1])
 
     # --- submit -----------------------------------------------------------------------
     def insert_jobs(self, jobs):
