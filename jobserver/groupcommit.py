@@ -19,12 +19,12 @@ _STOP = object()
 
 
 class _Op:
-    __slots__ = ("fn", "done", "result", "error", "wait")
+    __slots__ = ("fn", "done", "result", "error", "on_done")
 
-    def __init__(self, fn, wait):
+    def __init__(self, fn, wait, on_done=None):
         self.fn = fn
-        self.wait = wait
         self.done = threading.Event() if wait else None
+        self.on_done = on_done
         self.result = None
         self.error = None
 
@@ -54,9 +54,12 @@ class GroupCommitter:
             raise op.error
         return op.result
 
-    def cast(self, fn):
-        """Queue `fn` for the next transaction without waiting (progress notes and the like)."""
-        self._enqueue(fn, wait=False)
+    def cast(self, fn, on_done=None):
+        """Queue `fn` for the next transaction without waiting.
+
+        `on_done(result, error)` is called on the committer thread once the transaction
+        committed (error None) or failed; it must be quick and must not write."""
+        self._enqueue(fn, wait=False, on_done=on_done)
 
     def close(self, timeout=10.0):
         """Commit what is queued, then stop the thread."""
@@ -66,10 +69,10 @@ class GroupCommitter:
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
-    def _enqueue(self, fn, wait):
+    def _enqueue(self, fn, wait, on_done=None):
         if self._closed:
             raise ServerClosed("the journal is closed")
-        op = _Op(fn, wait)
+        op = _Op(fn, wait, on_done)
         self._queue.put(op)
         return op
 
@@ -104,5 +107,10 @@ class GroupCommitter:
         for op in batch:
             if op.done is not None:
                 op.done.set()
+            elif op.on_done is not None:
+                try:
+                    op.on_done(op.result, op.error)
+                except Exception:  # a caller's bug must not kill the committer
+                    log.exception("journal write callback failed")
             elif op.error is not None:
                 log.warning("queued journal write failed: %s", op.error)

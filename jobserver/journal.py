@@ -138,10 +138,12 @@ class _Sql:
         self.claim_select = q(
             f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
             f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
-        self.claim_update = q(
+        self._claim_update = (
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_token = lease_token + 1, "
             f"lease_expires = {now} + ?, attempts = attempts + 1, "
-            f"started_at = COALESCE(started_at, {now}) WHERE id = ? AND state = 'queued'")
+            f"started_at = COALESCE(started_at, {now}) WHERE state = 'queued' AND id IN ")
+        self._claim_updates = {}
+        self._translate = q
         fence = "WHERE id = ? AND state = 'running' AND lease_token = ?"
         self.renew = q(f"UPDATE jobs SET lease_expires = {now} + ? {fence}")
         self.cancel_flags = q(
@@ -229,6 +231,16 @@ class _Sql:
             f"JOIN (SELECT id FROM jobs{where} ORDER BY id DESC LIMIT ?) page ON s.job_id = page.id "
             "ORDER BY s.job_id, s.seq") for key, where in self._list_filters()}
 
+    def claim_update(self, n):
+        """The claim UPDATE for `n` ids: one statement, one round trip, whatever the batch.
+
+        Only the count of `?` markers varies; the ids themselves are bound."""
+        statement = self._claim_updates.get(n)
+        if statement is None:
+            markers = ", ".join(["?"] * n)
+            statement = self._claim_updates[n] = self._translate(f"{self._claim_update}({markers})")
+        return statement
+
     @staticmethod
     def _list_filters():
         """One WHERE clause per combination of the optional filters, built from constants."""
@@ -294,8 +306,13 @@ class Journal:
     def _read(self, fn):
         return self.driver.read(fn)
 
-    def _write(self, fn):
-        return self._writer.call(fn)
+    def _write(self, fn, on_done=None):
+        """Run `fn` in the next shared transaction: wait for the commit, or with `on_done`
+        return at once and have `on_done(result, error)` called after it."""
+        if on_done is None:
+            return self._writer.call(fn)
+        self._writer.cast(fn, on_done)
+        return None
 
     def _run_batch(self, batch):
         """Run a batch in one write transaction; retry it whole on a transient failure."""
@@ -435,7 +452,7 @@ class Journal:
             rows = _rows(cur)
             if not rows:
                 return []
-            cur.executemany(self.sql.claim_update, [(node, lease_ms, r["id"]) for r in rows])
+            cur.execute(self.sql.claim_update(len(rows)), (node, lease_ms, *[r["id"] for r in rows]))
             for r in rows:
                 r.update(state="running", lease_owner=node, lease_token=r["lease_token"] + 1,
                          attempts=r["attempts"] + 1)
@@ -466,10 +483,10 @@ class Journal:
         if cur.rowcount == 0:
             raise LeaseLost(job_id)
 
-    def finish(self, job_id, token, state, result=None, error=None, callback_id=None):
+    def finish(self, job_id, token, state, result=None, error=None, callback_id=None, on_done=None):
         """End a run in a terminal state; write its callback delivery in the same transaction.
 
-        Raises LeaseLost if this run no longer holds the job."""
+        Raises (or, with `on_done`, reports) LeaseLost if this run no longer holds the job."""
         state = State(state)
         assert state in TERMINAL
         result_text = None if result is None else dumps(result)
@@ -481,9 +498,9 @@ class Journal:
                 raise LeaseLost(job_id)
             if callback_id is not None:
                 cur.execute(self.sql.add_callback, (callback_id, job_id))
-        self._write(op)
+        self._write(op, on_done)
 
-    def requeue(self, job_id, token, delay_ms, error):
+    def requeue(self, job_id, token, delay_ms, error, on_done=None):
         """Put a failed run back in the queue for a retry after `delay_ms`."""
         text = dumps(error)
 
@@ -491,7 +508,7 @@ class Journal:
             cur.execute(self.sql.requeue, (text, delay_ms, job_id, token))
             if cur.rowcount == 0:
                 raise LeaseLost(job_id)
-        self._write(op)
+        self._write(op, on_done)
 
     def give_back(self, job_id, token):
         """Return a job this node will not finish (shutdown) to the queue; its attempt is not counted."""

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .codec import dumps
-from .errors import JobCancelled, JournalUnavailable, LeaseLost, UnknownTask
+from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask
 from .ids import new_id
 from .journal import State
 from .tasks import JobContext
@@ -107,7 +107,9 @@ class Pool:
         self.node_id = node_id or make_node_id()
         self._listener = listener
         self._scope = _node_scope()
-        self._running = {}
+        self._running = {}     # job id -> _Run whose task function is executing
+        self._finishing = {}   # job id -> _Run whose outcome is queued but not yet committed
+        self._retries = []     # outcome writes to try again: (due, run, write, event, next delay)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Event()
@@ -135,30 +137,43 @@ class Pool:
         if self._dispatcher is not None:
             self._dispatcher.join()
         grace = self.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
         with self._idle:
-            self._idle.wait_for(lambda: not self._running, timeout=grace)
+            while not self._is_idle() and time.monotonic() < deadline:
+                self._idle.wait(0.05)
+                self._lock.release()  # outcome retries are the dispatcher's job, which has stopped
+                try:
+                    self._retry_outcomes()
+                finally:
+                    self._lock.acquire()
             leftover = list(self._running.values())
         for run in leftover:
-            run.ctx.request_cancel("the server is shutting down")
-            run.abandoned = True
-            try:
-                if self.journal.give_back(run.job["id"], run.ctx._token):
-                    log.warning("job %s given back to the queue at shutdown", run.job["id"])
-            except JournalUnavailable:
-                log.warning("job %s not given back (journal unreachable); its lease will expire",
-                            run.job["id"])
+            self._give_back(run, "the server is shutting down")
         self._abandon.set()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _give_back(self, run, reason):
+        run.ctx.request_cancel(reason)
+        run.abandoned = True
+        try:
+            if self.journal.give_back(run.job["id"], run.ctx._token):
+                log.warning("job %s given back to the queue: %s", run.job["id"], reason)
+        except JournalUnavailable:
+            log.warning("job %s not given back (journal unreachable); its lease will expire",
+                        run.job["id"])
 
     def wake(self):
         """Claim now: a job was submitted in this process."""
         self._wake.set()
 
     def join(self, timeout=None):
-        """Wait until nothing runs here (for tests and drains). Returns True if idle."""
+        """Wait until nothing runs here and every outcome is committed. Returns True if idle."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._running, timeout=timeout)
+            return self._idle.wait_for(self._is_idle, timeout=timeout)
+
+    def _is_idle(self):
+        return not self._running and not self._finishing and not self._retries
 
     def running_ids(self):
         with self._lock:
@@ -180,6 +195,7 @@ class Pool:
             self._wake.clear()
             full_batch = False
             try:
+                self._retry_outcomes()
                 full_batch = self._claim()
                 now = time.monotonic()
                 self._enforce_time_limits(now)
@@ -202,6 +218,7 @@ class Pool:
         wait = min(self.poll_interval, max(0.0, next_heartbeat - time.monotonic()))
         with self._lock:
             deadlines = [r.deadline for r in self._running.values() if r.deadline and not r.abandoned]
+            deadlines += [retry[0] for retry in self._retries]
         if deadlines:
             wait = min(wait, max(0.0, min(deadlines) - time.monotonic()))
         return wait
@@ -234,20 +251,23 @@ class Pool:
             run.abandoned = True
             run.ctx.request_cancel("time limit exceeded")
             limit = run.deadline - run.ctx.started
-            exc = TimeoutError(f"job exceeded its time limit of {limit:g} s")
             log.warning("job %s exceeded its time limit of %g s", run.job["id"], limit)
-            self._record(run, lambda: self._finish(run, State.FAILED, error=error_info(exc, False)))
+            exc = TimeoutError(f"job exceeded its time limit of {limit:g} s")
+            self._finish(run, State.FAILED, error=error_info(exc, False))
 
     def _heartbeat(self):
         with self._lock:
-            leases = [(r.job["id"], r.ctx._token) for r in self._running.values() if not r.abandoned]
+            runs = list(self._running.values()) + list(self._finishing.values())
+        leases = {(r.job["id"], r.ctx._token) for r in runs if not r.abandoned}
         if not leases:
             return
-        lost, cancel = self.journal.renew(leases, self.lease_ms, self.node_id)
+        lost, cancel = self.journal.renew(sorted(leases), self.lease_ms, self.node_id)
         with self._lock:
-            runs = {job_id: self._running.get(job_id) for job_id in lost | cancel}
-        for job_id, run in runs.items():
-            if run is None:
+            # a lease 'lost' because our own outcome has just been committed is not news
+            flagged = {job_id: self._running.get(job_id) for job_id in lost | cancel
+                       if job_id not in self._finishing}
+        for job_id, run in flagged.items():
+            if run is None or run.abandoned:
                 continue
             if job_id in lost:
                 log.warning("job %s: lease lost; stopping this run", job_id)
@@ -261,9 +281,8 @@ class Pool:
         owners = [None]
         if local_dead:
             owners += [o for o in set(self.journal.running_owners()) if _dead_local_owner(o, self._scope)]
-        lost = error_info(RuntimeError(), False)
-        lost.update(type="WorkerLost",
-                    message=f"the job's process died {self.max_crashes} times while running it")
+        lost = {"type": "WorkerLost",
+                "message": f"the job's process died {self.max_crashes} times while running it"}
         for owner in owners:
             requeued, failed = self.journal.recover(self.max_crashes, lost, self._callback_id, owner=owner)
             for job_id in requeued:
@@ -280,8 +299,7 @@ class Pool:
         try:
             self._execute(run)
         except (KeyboardInterrupt, SystemExit):
-            run.abandoned = True
-            self._record(run, lambda: self.journal.give_back(job_id, run.ctx._token))
+            self._give_back(run, "the task raised KeyboardInterrupt or SystemExit")
             raise
         except Exception:  # a bug here must not leave the job 'running' with a live lease
             log.exception("job %s: recording its outcome failed", job_id)
@@ -300,8 +318,7 @@ class Pool:
         try:
             result = spec.fn(ctx, **job["params"])
         except JobCancelled as exc:
-            return self._record(run, lambda: self._finish(run, State.CANCELLED,
-                                                          error=error_info(exc, False)))
+            return self._finish(run, State.CANCELLED, error=error_info(exc, False))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # anything else a task raises ends the job, not the thread
@@ -311,7 +328,7 @@ class Pool:
         except (TypeError, ValueError) as exc:
             bad = TypeError(f"the task's result cannot be stored as JSON: {exc}")
             return self._fail(run, bad, retryable=False)
-        self._record(run, lambda: self._finish(run, State.SUCCEEDED, result=result))
+        return self._finish(run, State.SUCCEEDED, result=result)
 
     def _fail(self, run, exc, retryable):
         job = run.job
@@ -322,38 +339,64 @@ class Pool:
             delay = backoff_seconds(spec.retry_backoff, spec.retry_backoff_max, failures)
             log.info("job %s failed (%s); retry %d of %d in %.1f s", job["id"], error["type"],
                      failures, job["max_retries"], delay)
-
-            def requeue():
-                self.journal.requeue(job["id"], run.ctx._token, int(delay * 1000), error)
-                self._notify("state", job["id"], {"state": "queued", "error": error})
-            return self._record(run, requeue)
+            event = ("state", job["id"], {"state": "queued", "error": error})
+            return self._record(run, lambda on_done: self.journal.requeue(
+                job["id"], run.ctx._token, int(delay * 1000), error, on_done=on_done), event)
         log.info("job %s failed: %s: %s", job["id"], error["type"], error["message"])
-        return self._record(run, lambda: self._finish(run, State.FAILED, error=error))
+        return self._finish(run, State.FAILED, error=error)
 
     def _finish(self, run, state, result=None, error=None):
         job_id = run.job["id"]
         callback_id = self._callback_id() if run.job.get("callback_url") else None
-        self.journal.finish(job_id, run.ctx._token, state, result=result, error=error,
-                            callback_id=callback_id)
-        self._notify("state", job_id, {"state": state.value})
+        self._record(run, lambda on_done: self.journal.finish(
+            job_id, run.ctx._token, state, result=result, error=error, callback_id=callback_id,
+            on_done=on_done), ("state", job_id, {"state": state.value}))
 
-    def _record(self, run, write):
-        """Write an outcome, retrying while the journal is unreachable (until shutdown gives up)."""
-        delay = 0.05
-        while True:
-            try:
-                return write()
-            except LeaseLost:
-                log.warning("job %s: outcome not recorded, the run no longer holds the job", run.job["id"])
+    # --- recording outcomes -----------------------------------------------------------
+    def _record(self, run, write, event, delay=0.05):
+        """Queue an outcome write without holding the worker thread.
+
+        `write(on_done)` queues it in the journal's next group commit; once committed,
+        `event` is sent. While the journal is unreachable the dispatcher tries again with
+        backoff, so finished work is not dropped; at shutdown it is left to recovery."""
+        job_id = run.job["id"]
+        with self._lock:
+            self._finishing[job_id] = run
+
+        def on_done(_result, error):
+            if error is None:
+                return self._settle(job_id, event)
+            if isinstance(error, JournalUnavailable) and not self._abandon.is_set():
+                log.warning("job %s: journal unavailable (%s); retrying in %.1f s", job_id, error, delay)
+                with self._lock:
+                    self._retries.append((time.monotonic() + delay, run, write, event, min(delay * 2, 5.0)))
+                self._wake.set()
                 return None
-            except JournalUnavailable as exc:
-                if self._abandon.is_set():
-                    log.error("job %s: outcome lost at shutdown (%s); the job will be recovered",
-                              run.job["id"], exc)
-                    return None
-                log.warning("job %s: journal unavailable (%s); retrying in %.1f s", run.job["id"], exc, delay)
-                self._abandon.wait(delay)
-                delay = min(delay * 2, 5.0)
+            if isinstance(error, LeaseLost):
+                log.warning("job %s: outcome not recorded, the run no longer holds the job", job_id)
+            else:
+                log.error("job %s: outcome not recorded (%s); the job will be recovered", job_id, error)
+            return self._settle(job_id, None)
+        try:
+            write(on_done)
+        except ServerClosed:
+            log.error("job %s: outcome not recorded, the journal is closed; it will be recovered", job_id)
+            self._settle(job_id, None)
+
+    def _settle(self, job_id, event):
+        with self._idle:
+            self._finishing.pop(job_id, None)
+            self._idle.notify_all()
+        if event is not None:
+            self._notify(*event)
+
+    def _retry_outcomes(self):
+        now = time.monotonic()
+        with self._lock:
+            due = [r for r in self._retries if r[0] <= now]
+            self._retries = [r for r in self._retries if r[0] > now]
+        for _due, run, write, event, delay in due:
+            self._record(run, write, event, delay)
 
     @staticmethod
     def _callback_id():
