@@ -1,0 +1,2 @@
+-- GET the URL as given.
+wrk.method = "GET"
