@@ -292,6 +292,8 @@ class Journal:
         self.url = driver.url
         self._migrate()
         self._writer = GroupCommitter(self._run_batch)
+        self._progress = {}  # (job id, lease token) -> newest progress note not yet written
+        self._progress_lock = threading.Lock()
         self._closed = False
 
     # --- plumbing ---------------------------------------------------------------------
@@ -474,9 +476,24 @@ class Journal:
         return self._write(op)
 
     def set_progress(self, job_id, token, progress):
-        """Record progress without waiting for the commit (a lost note is harmless)."""
-        text = dumps(progress)
-        self._writer.cast(lambda cur: cur.execute(self.sql.progress, (text, job_id, token)))
+        """Record progress without waiting for the commit (a lost note is harmless).
+
+        Notes coalesce: while one is queued, a newer note replaces it, so a task that
+        reports in a tight loop costs one UPDATE per commit, not one per call."""
+        key = (job_id, token)
+        with self._progress_lock:
+            queued = key in self._progress
+            self._progress[key] = dumps(progress)
+        if queued:
+            return
+        taken = []
+
+        def op(cur):
+            if not taken:  # a batch may run twice; keep the note it first took
+                with self._progress_lock:
+                    taken.append(self._progress.pop(key))
+            cur.execute(self.sql.progress, (taken[0], job_id, token))
+        self._writer.cast(op)
 
     def _fence(self, cur, job_id, token):
         cur.execute(self.sql.touch, (job_id, token))
