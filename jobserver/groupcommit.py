@@ -48,6 +48,9 @@ class GroupCommitter:
 
     def call(self, fn):
         """Run `fn` in the next transaction; return its result once committed."""
+        if threading.get_ident() == self._thread.ident:
+            # an on_done callback waiting for a commit that only this thread can make
+            raise RuntimeError("a journal write callback must not wait for another write")
         op = self._enqueue(fn, wait=True)
         op.done.wait()
         if op.error is not None:
