@@ -8,9 +8,10 @@ import logging
 import threading
 import time
 
+from .callbacks import Deliverer
 from .codec import dumps
 from .config import Config
-from .errors import (InvalidJob, JobNotFound, QueueFull, ServerClosed)
+from .errors import (InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed)
 from .ids import format_ms, new_id
 from .journal import TERMINAL, State, decode_job, open_journal
 from .pool import Pool
@@ -95,7 +96,13 @@ class JobServer:
                          shutdown_grace=self.config.shutdown_grace,
                          max_crashes=self.config.max_crashes, listener=self._on_event,
                          node_id=self.config.node_id)
-        self.callback_guard = None  # set by the callbacks layer: url -> normalised url or InvalidCallback
+        try:
+            self.deliverer = Deliverer(self.journal, self.config, render=self.get)
+        except ValueError:  # a bad callback secret or setting: do not leave the journal open
+            self.journal.close()
+            raise
+        self.callback_guard = self.deliverer.guard.check  # url -> url, or InvalidCallback
+        self.add_listener(self.deliverer.on_event)
         self._depth = (0.0, 0)
         self._state = "new"
         self._lock = threading.Lock()
@@ -108,6 +115,7 @@ class JobServer:
                 raise ServerClosed(f"server is {self._state}")
             self._state = "running"
         self.pool.start()
+        self.deliverer.start()
         return self
 
     def stop(self, grace=None):
@@ -119,6 +127,7 @@ class JobServer:
             self._state = "stopping"
         if started:
             self.pool.stop(grace)
+            self.deliverer.stop()  # waits at most the callback timeout for a slow receiver
         self.journal.close()
         self._state = "stopped"
 
@@ -133,7 +142,11 @@ class JobServer:
         return self._state in ("new", "running")
 
     def add_listener(self, fn):
-        """`fn(kind, job_id, data)` for job events in this process (state, progress)."""
+        """`fn(kind, job_id, data)` for job events in this process (state, progress).
+
+        Listeners run on the pool's threads, including the journal's committer (an
+        outcome is announced once it is committed): they must be quick and must not
+        wait for journal writes. Hand work to your own thread."""
         self._listeners.append(fn)
 
     def _on_event(self, kind, job_id, data):
@@ -266,6 +279,18 @@ class JobServer:
         self._visible_row(job_id, owner)
         self.journal.retry(job_id)
         self.pool.wake()
+        return self.get(job_id, owner)
+
+    def retry_callback(self, job_id, owner=None):
+        """Deliver a job's failed callback again: same webhook-id, a fresh schedule.
+
+        InvalidTransition if its latest delivery is not failed (or it has none)."""
+        self._visible_row(job_id, owner)
+        if not self.journal.rearm_callback(job_id):
+            latest = self.journal.latest_callback(job_id)
+            state = f"callback {latest['state']}" if latest else "without a callback"
+            raise InvalidTransition(job_id, state, "retry the callback of")
+        self.deliverer.wake()
         return self.get(job_id, owner)
 
     def tasks(self):
