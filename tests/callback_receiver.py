@@ -1,4 +1,5 @@
 """A real webhook receiver on 127.0.0.1 for the callback tests: scripted answers, recorded requests."""
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,13 +10,19 @@ class Receiver:
 
     When the script runs out, it answers `default`."""
 
-    def __init__(self, port=0):
+    def __init__(self, port=0, tls=None):
         self.requests = []
         self.script = []
         self.default = (200, {}, 0.0)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:  # (certificate file, key file): serve https
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
@@ -25,7 +32,7 @@ class Receiver:
         return self._server.server_address[1]
 
     def url(self, path="/hook"):
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def respond(self, *answers):
         """Queue answers: (status,), (status, headers) or (status, headers, sleep seconds)."""

@@ -1,7 +1,9 @@
 """Callback delivery against a real receiver on 127.0.0.1: signatures, retries, 410, Retry-After,
 timeouts, redirects, re-delivery on request, and DNS answers that change after submit."""
 import json
+import shutil
 import socket
+import subprocess
 import time
 
 import pytest
@@ -206,6 +208,38 @@ def test_the_body_is_the_public_job_json(make_server, receiver):
     public = server.get(job_id)
     assert set(body) == set(public)
     assert body["result"] == {"text": "h\u00e9llo"} and body["callback"]["url"] == receiver.url()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for hooks.example.test (openssl), as (cert, key) paths."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=hooks.example.test",
+                    "-addext", "subjectAltName=DNS:hooks.example.test"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_https_is_pinned_and_checks_the_certificate_for_the_hostname(make_server, certificate):
+    receiver = Receiver(tls=certificate)
+    try:
+        server = make_server(callback_attempts=1)
+        server.deliverer.verify_tls = certificate[0]  # trust the test certificate only
+        server.deliverer.guard = UrlGuard(("127.0.0.0/8",), resolver=_dns({
+            "hooks.example.test": "127.0.0.1", "other.example.test": "127.0.0.1"}))
+        server.callback_guard = server.deliverer.guard.check
+        good = server.submit("t.echo", callback_url=f"https://hooks.example.test:{receiver.port}/hook")
+        assert callback_of(server, good, "delivered")["attempts"] == 1
+        assert receiver.requests[0]["headers"]["host"] == f"hooks.example.test:{receiver.port}"
+        # the same address under a name the certificate does not carry: refused by TLS
+        bad = server.submit("t.echo", callback_url=f"https://other.example.test:{receiver.port}/hook")
+        assert callback_of(server, bad, "failed")["last_error"] == "SSLError"
+        assert receiver.count() == 1
+    finally:
+        receiver.close()
 
 
 def _dns(table):
