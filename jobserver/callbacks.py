@@ -242,8 +242,12 @@ class Deliverer:
             self._wake.wait(self._wait_time())
 
     def _wait_time(self):
+        """Until the next poll, or sooner when a retry recorded here falls due."""
         with self._lock:
-            due, self._next_due = self._next_due, None
+            due = self._next_due
+            if due is not None and due <= time.monotonic():
+                self._next_due = due = None
+                return 0.0
         if due is None:
             return self.poll_interval
         return min(self.poll_interval, max(0.0, due - time.monotonic()))
@@ -254,11 +258,13 @@ class Deliverer:
         if free <= 0:
             return False
         try:
-            rows = self.journal.claim_callbacks(free, self.lease_ms)
+            rows = self.journal.claim_callbacks(free, self.lease_ms) if self.journal.callbacks_due() else []
         except JobserverError as exc:
             log.warning("cannot claim callbacks (%s); trying again", exc)
             self._stopping.wait(self.poll_interval)
             return False
+        if self._stopping.is_set():
+            return False  # too late to start them: their claims lapse and they are tried again
         for row in rows:
             with self._lock:
                 self._busy += 1
@@ -289,7 +295,7 @@ class Deliverer:
 
     def _due_in(self, seconds):
         with self._lock:
-            due = time.monotonic() + seconds
+            due = time.monotonic() + seconds + 0.01  # the journal's clock decides; a little after it
             self._next_due = due if self._next_due is None else min(self._next_due, due)
 
     def _attempt(self, row):

@@ -199,6 +199,8 @@ class _Sql:
         cb_cols = "id, job_id, url, state, attempts, next_at, claim_token, last_error, delivered_at, created_at"
         self.latest_callback = q(
             f"SELECT {cb_cols} FROM callbacks WHERE job_id = ? ORDER BY created_at DESC, id DESC LIMIT 1")
+        self.any_callback_due = q(
+            f"SELECT id FROM callbacks WHERE state = 'pending' AND next_at <= {now} LIMIT 1")
         self.due_callbacks = q(
             f"SELECT {cb_cols} FROM callbacks WHERE state = 'pending' AND next_at <= {now} "
             f"ORDER BY next_at LIMIT ?{lock}")
@@ -617,6 +619,10 @@ class Journal:
     # --- callbacks --------------------------------------------------------------------
     def latest_callback(self, job_id):
         return self._read(lambda cur: (cur.execute(self.sql.latest_callback, (job_id,)), _one(cur))[1])
+
+    def callbacks_due(self):
+        """True if a pending delivery is due; a read, so an idle deliverer takes no write lock."""
+        return self._read(lambda cur: (cur.execute(self.sql.any_callback_due), cur.fetchone())[1]) is not None
 
     def claim_callbacks(self, limit, lease_ms):
         """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`."""
