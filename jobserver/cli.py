@@ -92,28 +92,31 @@ def add_flags(parser, flags):
     for flag in flags:
         help_text = f"{flag.help} (env {flag.env})"
         if flag.switch:
-            parser.add_argument("--" + flag.name, action="store_const", const=True, default=None,
-                                help=help_text)
+            parser.add_argument("--" + flag.name, action="store_const", const=True,
+                                default=argparse.SUPPRESS, help=help_text)
         elif flag.many:
-            parser.add_argument("--" + flag.name, nargs="+", default=None, metavar="VALUE",
-                                help=help_text)
+            parser.add_argument("--" + flag.name, nargs="+", default=argparse.SUPPRESS,
+                                metavar="VALUE", help=help_text)
         else:
-            parser.add_argument("--" + flag.name, type=flag.parse, default=None, help=help_text)
+            parser.add_argument("--" + flag.name, type=flag.parse, default=argparse.SUPPRESS,
+                                metavar=flag.field.split("_")[-1].upper(), help=help_text)
 
 
 def build_config(args, flags, environ):
     """A Config from the parsed flags, else JOBSERVER_* variables, else the defaults."""
     changes = {}
     for flag in flags:
-        value = getattr(args, flag.field, None)
-        if value is None and environ.get(flag.env) is not None:
+        if hasattr(args, flag.field):  # flags default to SUPPRESS: present only when given
+            value = getattr(args, flag.field)
+        elif flag.env in environ:
             text = environ[flag.env]
             try:
                 value = _words(text) if flag.many else flag.parse(text)
             except ValueError as exc:
                 raise SystemExit(f"jobserver: error: {flag.env}={text!r}: {exc}") from None
-        if value is not None:
-            changes[flag.field] = tuple(value) if flag.many else value
+        else:
+            continue
+        changes[flag.field] = tuple(value) if flag.many else value
     return Config().with_(**changes)
 
 
