@@ -298,9 +298,6 @@ class Pool:
         job_id = run.job["id"]
         try:
             self._execute(run)
-        except (KeyboardInterrupt, SystemExit):
-            self._give_back(run, "the task raised KeyboardInterrupt or SystemExit")
-            raise
         except Exception:  # a bug here must not leave the job 'running' with a live lease
             log.exception("job %s: recording its outcome failed", job_id)
         finally:
@@ -319,9 +316,10 @@ class Pool:
             result = spec.fn(ctx, **job["params"])
         except JobCancelled as exc:
             return self._finish(run, State.CANCELLED, error=error_info(exc, False))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # anything else a task raises ends the job, not the thread
+        except BaseException as exc:  # anything a task raises ends the job, not the thread
+            # SystemExit and KeyboardInterrupt too: signals reach only the main thread, so in
+            # a worker they come from the task itself (sys.exit()) and cannot stop the process;
+            # giving such a job back would run it again at once, forever.
             return self._fail(run, exc, retryable=True)
         try:
             dumps(result)
