@@ -154,7 +154,8 @@ class Pool:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _give_back(self, run, reason):
-        run.ctx.request_cancel(reason)
+        # Give the job back before telling the task to stop: a task that honours the
+        # request would otherwise race to record itself 'cancelled' or 'succeeded'.
         run.abandoned = True
         try:
             if self.journal.give_back(run.job["id"], run.ctx._token):
@@ -162,6 +163,7 @@ class Pool:
         except JournalUnavailable:
             log.warning("job %s not given back (journal unreachable); its lease will expire",
                         run.job["id"])
+        run.ctx.request_cancel(reason)
 
     def wake(self):
         """Claim now: a job was submitted in this process."""
@@ -249,11 +251,13 @@ class Pool:
             late = [r for r in self._running.values() if r.deadline and now >= r.deadline and not r.abandoned]
         for run in late:
             run.abandoned = True
-            run.ctx.request_cancel("time limit exceeded")
             limit = run.deadline - run.ctx.started
             log.warning("job %s exceeded its time limit of %g s", run.job["id"], limit)
             exc = TimeoutError(f"job exceeded its time limit of {limit:g} s")
+            # Queue the failure before waking the task, so that the outcome the task records
+            # when it stops comes second and is fenced out.
             self._finish(run, State.FAILED, error=error_info(exc, False))
+            run.ctx.request_cancel("time limit exceeded")
 
     def _heartbeat(self):
         with self._lock:
