@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import requests
 
 from jobserver import cli
 from jobserver.client import Client
@@ -21,10 +22,14 @@ def cli_json(*args, url, expect_rc=0, **kw):
     return json.loads(done.stdout)
 
 
-def state_of(url, job_id):
-    """A job's state over HTTP (cheaper than a CLI process, for polling)."""
+def job_of(url, job_id):
+    """A job over HTTP (cheaper than a CLI process, for polling)."""
     with Client(url) as client:
-        return client.get(job_id)["state"]
+        return client.get(job_id)
+
+
+def state_of(url, job_id):
+    return job_of(url, job_id)["state"]
 
 
 def test_serve_on_each_backend_stores_project_literally(db_url, tmp_path):
@@ -74,6 +79,31 @@ def test_sigterm_exits_zero_and_queued_jobs_survive_restart(sqlite_url, tmp_path
         assert state_of(again.url, sleeper) in ("queued", "running")
         cli_json("cancel", sleeper, url=again.url)
         assert again.stop(signal.SIGINT) == 0
+
+
+def test_while_stopping_submits_get_503_and_a_second_signal_exits_at_once(sqlite_url, tmp_path):
+    port = free_port()
+    args = ["--db", sqlite_url, "--port", str(port), "--tasks", "jobserver.demo", "--workers", "1",
+            "--poll-interval", "0.05", "--shutdown-grace", "60"]
+    with ServeProcess(tmp_path / "a.log", port=port, args=args) as srv:
+        sleeper = cli_json("submit", "demo.sleep", "seconds=60", url=srv.url)["id"]
+        wait_for(lambda: state_of(srv.url, sleeper) == "running", message="sleep running")
+        srv.proc.send_signal(signal.SIGTERM)
+        refused = wait_for(lambda: _submit_status(srv.url) == 503, message="503 while stopping")
+        assert refused and srv.proc.poll() is None  # still in its grace period, still answering
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 128 + signal.SIGTERM
+    with ServeProcess(tmp_path / "b.log", db=sqlite_url) as again:
+        # the job of the process that exited at once is recovered and runs again
+        wait_for(lambda: job_of(again.url, sleeper)["attempts"] == 2, message="sleep re-run")
+        cli_json("cancel", sleeper, url=again.url)
+
+
+def _submit_status(url):
+    try:
+        return requests.post(url + "/jobs", json={"task": "demo.echo"}, timeout=5).status_code
+    except requests.RequestException:
+        return None
 
 
 def test_env_twins_configure_serve_and_client(tmp_path):
