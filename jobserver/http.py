@@ -209,6 +209,10 @@ def _unexpected_error(exc):
     if isinstance(exc, HTTPException):
         return _http_error(exc)
     request_id = _request_id()
+    if not _api().server.accepting:  # e.g. a read racing the journal's close at shutdown
+        log.warning("request %s: %s %s failed while stopping: %r", request_id, request.method,
+                    request.path, exc)
+        return _jobserver_error(ServerClosed("the server is shutting down"))
     log.error("request %s: %s %s failed", request_id, request.method, request.path,
               exc_info=exc)
     return problem(500, "Internal Server Error",

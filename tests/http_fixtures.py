@@ -1,0 +1,127 @@
+"""A live HTTP server for tests: a JobServer, create_app, and real waitress on a free port.
+
+Import the fixtures into a test module: `from http_fixtures import launch, live, TASKS`."""
+import threading
+from contextlib import ExitStack, contextmanager
+
+import pytest
+import requests
+import waitress
+from waitress import wasyncore
+
+from jobserver.http import create_app
+from jobserver.server import JobServer
+from jobserver.tasks import Registry
+
+TASKS = Registry()
+PROBLEM = "application/problem+json"
+# short intervals so tests wait for work, not for the clock
+FAST = dict(workers=2, poll_interval=0.05, lease_seconds=5.0, shutdown_grace=1.0)
+
+
+@TASKS.task("t.echo")
+def echo(ctx, **params):
+    return params
+
+
+@TASKS.task("t.sleep")
+def sleep(ctx, seconds=0.3):
+    """Sleeps, stopping early when cancelled (as demo.sleep does)."""
+    ctx.wait(seconds)
+    ctx.check_cancelled()
+    return seconds
+
+
+@TASKS.task("t.fail")
+def fail(ctx, message="boom"):
+    raise RuntimeError(message)
+
+
+class Live:
+    """A running server: `.server` (JobServer), `.url(path)`, and requests helpers."""
+
+    def __init__(self, server, base, prefix=""):
+        self.server = server
+        self.base = base
+        self.prefix = prefix
+        self.session = requests.Session()
+
+    def url(self, path):
+        return self.base + self.prefix + path
+
+    def request(self, method, path, token=None, **kwargs):
+        headers = dict(kwargs.pop("headers", None) or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("timeout", 30)
+        return self.session.request(method, self.url(path), headers=headers, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+
+@contextmanager
+def serving(app, threads=8):
+    """Serve a WSGI app with waitress on 127.0.0.1 and a free port; yields the base URL.
+
+    waitress has no stop(): the loop runs here in short polls until told to stop, and
+    every socket is closed by the loop's own thread once the request threads are done,
+    so no thread writes to a descriptor another thread has closed."""
+    httpd = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.05, map=httpd._map, count=1)
+        wasyncore.close_all(httpd._map)
+
+    thread = threading.Thread(target=run, name="test-waitress", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.effective_port}"
+    finally:
+        httpd.task_dispatcher.shutdown(timeout=10)  # lets running requests finish
+        stop.set()
+        thread.join(10)
+
+
+@contextmanager
+def launch(db_url, url_prefix="", tasks=TASKS, **overrides):
+    """A started JobServer behind a live HTTP server; everything stopped afterwards."""
+    options = dict(FAST, **overrides)
+    with ExitStack() as stack:
+        server = JobServer(db_url, tasks=tasks, **options).start()
+        stack.callback(server.stop)
+        base = stack.enter_context(serving(create_app(server, url_prefix=url_prefix)))
+        live = Live(server, base, url_prefix)
+        stack.callback(live.session.close)
+        yield live
+
+
+@pytest.fixture
+def live(db_url):
+    """A live server on each journal backend."""
+    with launch(db_url) as server:
+        yield server
+
+
+@pytest.fixture
+def live_sqlite(sqlite_url):
+    with launch(sqlite_url) as server:
+        yield server
+
+
+def assert_problem(response, status):
+    """The response is an RFC 9457 problem with this status; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith(PROBLEM), response.headers
+    body = response.json()
+    assert body["status"] == status
+    assert isinstance(body["type"], str) and body["type"]
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str)
+    assert "Traceback" not in response.text
+    return body
