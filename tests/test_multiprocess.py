@@ -1,0 +1,59 @@
+"""Two worker processes share one journal (one SQLite file; one MariaDB database): every
+job runs exactly once, and no job ever has two overlapping runs."""
+import collections
+
+import pytest
+
+import proc_worker
+from conftest import wait_for
+from jobserver import JobServer
+
+JOBS = 200
+
+
+@pytest.fixture
+def workers(db_url, tmp_path):
+    """Worker processes on the test's journal; all reaped after the test."""
+    pool = proc_worker.Workers(db_url, tmp_path)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def client(db_url):
+    """A JobServer that only submits and reads; the worker processes run the jobs."""
+    server = JobServer(db_url, tasks=proc_worker.registry)
+    yield server
+    server.stop()
+
+
+def overlapping(runs):
+    """Pairs of runs of one job whose [start, end] intervals overlap."""
+    by_job = collections.defaultdict(list)
+    for job_id, pid, start, end in runs:
+        by_job[job_id].append((int(start), int(end), pid))
+    clashes = []
+    for job_id, spans in by_job.items():
+        spans.sort()
+        clashes += [(job_id, a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    return clashes
+
+
+def test_two_processes_share_the_jobs_and_run_each_once(client, workers):
+    procs = [workers.spawn(workers=4, lease=2), workers.spawn(workers=4, lease=2)]
+    ids = [job["id"] for job, _ in client.submit_many(
+        [{"task": "proc.record", "params": {"seconds": 0.01}} for _ in range(JOBS)])]
+    wait_for(lambda: len(client.list(state="succeeded", limit=JOBS + 1)[0]) == JOBS, timeout=90,
+             interval=0.2, message=f"{JOBS} jobs to succeed")
+    for proc in procs:
+        assert workers.terminate(proc) == 0  # a graceful stop with nothing left to give back
+
+    runs = proc_worker.read_lines(workers.workdir, "runs-*.log")
+    assert overlapping(runs) == []
+    counts = collections.Counter(job_id for job_id, *_ in runs)
+    assert set(counts) == set(ids) and set(counts.values()) == {1}
+    by_pid = collections.Counter(pid for _job, pid, *_ in runs)
+    assert set(by_pid) == {str(p.pid) for p in procs}, f"both processes should take work: {by_pid}"
+    jobs, _ = client.list(limit=JOBS + 1)
+    assert {job["attempts"] for job in jobs} == {1}
+    assert {str(job["result"]) for job in jobs} == set(by_pid)
