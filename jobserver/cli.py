@@ -177,10 +177,10 @@ def _make_server(config):
 def serve(config):
     """Serve the HTTP API with waitress and run the pool in this process until a signal."""
     server = _make_server(config)
-    if not config.insecure_open and not is_loopback_host(config.host) and not server.journal.has_tokens():
+    refusal = _open_mode_refusal(server, config)
+    if refusal:
         server.stop()
-        print(f"jobserver: error: refusing to serve {config.host} in open mode (no tokens): "
-              "create one with `jobserver token create NAME`, or pass --insecure-open", file=sys.stderr)
+        print(f"jobserver: error: {refusal}", file=sys.stderr)
         return EXIT_USAGE
     try:
         http = create_server(create_app(server), host=config.host, port=config.port,
@@ -191,13 +191,28 @@ def serve(config):
         return 1
     server.start()
     GracefulExit(server, lambda: _thread.interrupt_main(signal.SIGINT)).install()
+    host = f"[{config.host}]" if ":" in config.host else config.host
     log.info("jobserver serving http://%s:%s journal %s workers %s",
-             config.host, http.effective_port, mask_url(config.db), config.workers)
+             host, http.effective_port, mask_url(config.db), config.workers)
     try:
         http.run()
     finally:
         http.close()
+        server.stop()  # a no-op after a signal; otherwise the pool's threads would keep us alive
     return 0
+
+
+def _open_mode_refusal(server, config):
+    """Why serving `config.host` must be refused (open mode on a public address), or None."""
+    if config.insecure_open or is_loopback_host(config.host):
+        return None
+    try:
+        if server.journal.has_tokens():
+            return None
+    except JobserverError as exc:
+        return f"cannot read tokens from the journal: {exc}"
+    return (f"refusing to serve {config.host} in open mode (no tokens): create one with "
+            "`jobserver token create NAME`, or pass --insecure-open")
 
 
 def worker(config):
@@ -284,6 +299,8 @@ def run_client_command(args, environ):
             detail = getattr(exc, "detail", None) or str(exc)
             print(f"jobserver: error: {detail}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return 130
 
 
 def cmd_token_create(args, environ):

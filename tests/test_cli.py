@@ -7,11 +7,11 @@ import sys
 import pytest
 import requests
 
-from jobserver import cli
+from jobserver import JobServer, cli
 from jobserver.client import Client
 from jobserver.journal import open_journal
 from tests.conftest import wait_for
-from tests.liveserver import ServeProcess, clean_env, free_port, run_cli
+from tests.liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
 INJECTION = "x'); DROP TABLE projects;--"
 
@@ -104,6 +104,32 @@ def _submit_status(url):
         return requests.post(url + "/jobs", json={"task": "demo.echo"}, timeout=5).status_code
     except requests.RequestException:
         return None
+
+
+def test_worker_runs_jobs_without_http(sqlite_url, tmp_path):
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([JOBSERVER, "worker", "--tasks", "jobserver.demo", "--poll-interval",
+                                 "0.05", "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
+                                env=clean_env(JOBSERVER_DB=sqlite_url))
+    try:
+        submitter = JobServer(sqlite_url, tasks=["jobserver.demo"])  # journal only: never started
+        try:
+            job_id = submitter.submit("demo.echo", {"by": "worker"})
+            job = wait_for(lambda: _finished(submitter, job_id), timeout=30, message="worker ran job")
+        finally:
+            submitter.stop()
+        assert job["state"] == "succeeded" and job["result"] == {"by": "worker"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _finished(server, job_id):
+    job = server.get(job_id)
+    return job if job["state"] in ("succeeded", "failed", "cancelled") else None
 
 
 def test_env_twins_configure_serve_and_client(tmp_path):
