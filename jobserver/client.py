@@ -239,7 +239,9 @@ def _problem(response):
     if not isinstance(problem, dict):
         problem = {"title": response.reason or "Error", "detail": response.text[:500] or None}
     retry_after = response.headers.get("Retry-After")
-    return ProblemError(problem.get("status") or response.status_code,
+    if retry_after is not None and retry_after.isdigit():
+        retry_after = int(retry_after)
+    return ProblemError(response.status_code,
                         problem.get("title") or response.reason or "Error",
                         problem.get("detail"), problem.get("type", "about:blank"),
                         retry_after=retry_after, problem=problem)
