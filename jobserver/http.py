@@ -134,6 +134,8 @@ def _request_id():
 def _authenticate():
     if request.endpoint and request.endpoint.endswith(".healthz"):
         return
+    if not _api().server.accepting:  # draining: send clients elsewhere or back later
+        raise ServerClosed("the server is shutting down")
     g.principal = _api().auth.identify(request.headers.get("Authorization"))
 
 
