@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from jobserver import JobServer, cli
-from jobserver.client import Client
+from jobserver.client import Client, ProblemError
 from jobserver.journal import open_journal
 from tests.conftest import wait_for
 from tests.liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
@@ -136,13 +136,19 @@ def test_env_twins_configure_serve_and_client(tmp_path):
     port = free_port()
     env = clean_env(JOBSERVER_DB=f"sqlite:///{tmp_path / 'env.db'}", JOBSERVER_PORT=str(port),
                     JOBSERVER_TASKS="jobserver.demo", JOBSERVER_WORKERS="3",
-                    JOBSERVER_POLL_INTERVAL="0.05", JOBSERVER_SHUTDOWN_GRACE="1")
+                    JOBSERVER_POLL_INTERVAL="0.05", JOBSERVER_SHUTDOWN_GRACE="1",
+                    JOBSERVER_MAX_QUEUED="1")
     with ServeProcess(tmp_path / "env.log", port=port, args=[], env=env) as srv:
         client_env = clean_env(JOBSERVER_URL=srv.url)
         done = run_cli("submit", "demo.echo", "a=1", "--wait", env=client_env)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["result"] == {"a": 1}
         assert "workers 3" in srv.log() and (tmp_path / "env.db").exists()
+        with Client(srv.url) as client:
+            client.submit_with("demo.echo", {}, delay=3600)
+            with pytest.raises(ProblemError) as full:
+                client.submit_with("demo.echo", {}, delay=3600)
+        assert full.value.status == 429 and full.value.retry_after >= 1
 
 
 def test_flag_beats_env_beats_default():
