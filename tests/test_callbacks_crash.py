@@ -51,17 +51,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_pending_deliveries_survive_kill_9(sqlite_url, tmp_path):
+def test_pending_deliveries_survive_kill_9(db_url, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/hook"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), sqlite_url, url], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, str(script), db_url, url], stdout=subprocess.PIPE,
                              text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         ids = child.stdout.readline().split()
         assert len(ids) == 3, "the child did not start"
-        journal = open_journal(sqlite_url)
+        journal = open_journal(db_url)
         try:
             wait_for(lambda: all((journal.latest_callback(i) or {}).get("attempts", 0) >= 1 for i in ids),
                      message="a failed attempt for each job")
@@ -75,7 +75,7 @@ def test_pending_deliveries_survive_kill_9(sqlite_url, tmp_path):
         child.stdout.close()
 
     receiver = Receiver(port)
-    server = JobServer(sqlite_url, tasks=TASKS, poll_interval=0.05, callback_allow=("127.0.0.0/8",),
+    server = JobServer(db_url, tasks=TASKS, poll_interval=0.05, callback_allow=("127.0.0.0/8",),
                        callback_attempts=100, callback_backoff=0.05).start()
     try:
         for job_id in ids:
