@@ -1,10 +1,19 @@
 """JSON as the journal stores it: strict (no NaN, no Infinity) and canonical."""
 import json
 
+#: The largest document (params, result, step result, progress) the journal stores. MySQL's
+#: MEDIUMTEXT column and its default 16 MiB packet hold it with room to spare; a bigger one
+#: would be refused by the server on every retry and leave the job running for ever.
+MAX_DOCUMENT = 8 * 1024 * 1024
 
-def dumps(value):
-    """Canonical JSON text; raises TypeError or ValueError for what JSON cannot hold."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False, sort_keys=True)
+
+def dumps(value, max_bytes=None):
+    """Canonical JSON text; raises TypeError or ValueError for what JSON cannot hold, and
+    with `max_bytes` ValueError for a longer text (ASCII: its length is its size)."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, sort_keys=True)
+    if max_bytes is not None and len(text) > max_bytes:
+        raise ValueError(f"the JSON text is {len(text)} bytes, over the limit of {max_bytes}")
+    return text
 
 
 def loads(text):

@@ -17,7 +17,7 @@ import time
 from enum import Enum
 
 from . import journal_drivers as drivers
-from .codec import dumps, loads
+from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
                      LeaseLost)
 from .groupcommit import GroupCommitter
@@ -485,7 +485,7 @@ class Journal:
         key = (job_id, token)
         with self._progress_lock:
             queued = key in self._progress
-            self._progress[key] = dumps(progress)
+            self._progress[key] = dumps(progress, MAX_DOCUMENT)
         if queued:
             return
         taken = []

@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .codec import dumps
+from .codec import MAX_DOCUMENT, dumps
 from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask
 from .ids import new_id
 from .journal import State
@@ -326,7 +326,7 @@ class Pool:
             # giving such a job back would run it again at once, forever.
             return self._fail(run, exc, retryable=True)
         try:
-            dumps(result)
+            dumps(result, MAX_DOCUMENT)
         except (TypeError, ValueError) as exc:
             bad = TypeError(f"the task's result cannot be stored as JSON: {exc}")
             return self._fail(run, bad, retryable=False)

@@ -9,7 +9,7 @@ import threading
 import time
 
 from .callbacks import Deliverer
-from .codec import dumps
+from .codec import MAX_DOCUMENT, dumps
 from .config import Config
 from .errors import (InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed)
 from .ids import format_ms, new_id
@@ -193,7 +193,7 @@ class JobServer:
         if not isinstance(params, dict):
             raise InvalidJob("'params' must be an object")
         try:
-            params_text = dumps(params)
+            params_text = dumps(params, MAX_DOCUMENT)
         except (TypeError, ValueError) as exc:
             raise InvalidJob(f"'params' cannot be stored as JSON: {exc}") from None
         key = _opt_str(spec, "idempotency_key", MAX_KEY)

@@ -3,7 +3,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .codec import dumps, loads
+from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import JobCancelled, UnknownTask
 
 
@@ -136,10 +136,10 @@ class JobContext:
         self._journal.start_step(self.job_id, self._token, name, self._step_seq)
         try:
             result = fn(*args, **kwargs)
-            dumps(result)  # refuse a result we could not replay, before recording success
+            dumps(result, MAX_DOCUMENT)  # refuse a result we could not replay, before recording success
         except BaseException as exc:
             self._journal.end_step(self.job_id, self._token, name, "failed",
-                                   error={"type": type(exc).__name__, "message": str(exc)})
+                                   error={"type": type(exc).__name__, "message": str(exc)[:2000]})
             raise
         self._journal.end_step(self.job_id, self._token, name, "succeeded", result=result)
         return result
