@@ -282,3 +282,27 @@ def test_progress_is_visible_while_the_job_runs(db_url, servers):
     job = finished(server, job_id)
     assert job["state"] == "succeeded"
     assert job["progress"] == {"done": 5, "total": 5, "message": "done"}
+
+
+def test_a_result_too_big_for_the_journal_fails_the_job_instead_of_sticking(db_url, servers):
+    """MariaDB refuses a document over its packet size on every retry: never send one."""
+    registry, big = Registry(), "x" * (17 * 1024 * 1024)
+
+    @registry.task("t.big_result", max_retries=2, retry_backoff=0)
+    def big_result(ctx):
+        return big
+
+    @registry.task("t.big_step")
+    def big_step(ctx):
+        return ctx.step("huge", lambda: big)
+
+    server = servers(db_url, registry, workers=2)
+    result_job = finished(server, server.submit("t.big_result"))
+    step_job = finished(server, server.submit("t.big_step"))
+    assert (result_job["state"], result_job["attempts"]) == ("failed", 1)
+    assert "over the limit" in result_job["error"]["message"]
+    assert step_job["state"] == "failed" and "over the limit" in step_job["error"]["message"]
+    assert step_job["steps"][0]["state"] == "failed"
+    with pytest.raises(InvalidJob):
+        server.submit("t.big_result", {"blob": big})
+    assert server.pool.join(5)
