@@ -84,6 +84,16 @@ def test_one_signed_delivery_per_ended_job(db_url, make_server, receiver):
     assert all(r["headers"]["content-type"] == "application/json" for r in receiver.requests)
 
 
+def test_two_servers_on_one_journal_deliver_each_callback_once(db_url, make_server, receiver):
+    first, second = make_server(db_url), make_server(db_url)
+    ids = [(first if n % 2 else second).submit("t.echo", {"n": n}, callback_url=receiver.url())
+           for n in range(12)]
+    for job_id in ids:
+        callback_of(first, job_id, "delivered")
+    assert receiver.count() == 12
+    assert sorted(verified(first, r)["id"] for r in receiver.requests) == sorted(ids)
+
+
 def test_failures_then_success_keep_the_webhook_id(make_server, receiver):
     receiver.respond((503,), (500,), (200,))
     server = make_server()
