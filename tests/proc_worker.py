@@ -51,6 +51,16 @@ def record(ctx, seconds=0.0):
     return os.getpid()
 
 
+@registry.task("proc.wait")
+def wait(ctx, seconds=30.0):
+    """Wait up to `seconds`, stopping with JobCancelled as soon as a cancel is seen."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.check_cancelled()
+        ctx.wait(0.05)
+    return "not cancelled"
+
+
 @registry.task("proc.steps")
 def steps(ctx, n, pause_before=None):
     """Run `n` checkpointed steps; before step `pause_before`, wait for the file `go`."""

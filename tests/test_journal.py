@@ -537,3 +537,35 @@ def test_every_statement_runs_on_this_engine(db_url):
     finally:
         j.close()
     assert not missing, f"statements never run: {sorted(missing)}"
+
+
+def test_racing_idempotent_submits_from_two_journals_make_one_job(db_url):
+    """Two processes' journals (separate writers) insert one key at once: one job, one winner."""
+    journals = [open_journal(db_url), open_journal(db_url)]
+    start, results, errors = threading.Barrier(8), [], []
+    lock = threading.Lock()
+
+    def submit(j):
+        spec = make_job(idempotency_key="race", request_hash="r" * 64)
+        start.wait(10)
+        try:
+            [(row, created)] = j.insert_jobs([spec])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+            return
+        with lock:
+            results.append((row["id"], created))
+
+    try:
+        threads = [threading.Thread(target=submit, args=(journals[n % 2],)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert len(results) == 8 and len({job_id for job_id, _ in results}) == 1
+        assert sum(created for _, created in results) == 1
+        assert journals[0].count_queued() == 1
+    finally:
+        for j in journals:
+            j.close()

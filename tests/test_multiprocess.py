@@ -57,3 +57,27 @@ def test_two_processes_share_the_jobs_and_run_each_once(client, workers):
     jobs, _ = client.list(limit=JOBS + 1)
     assert {job["attempts"] for job in jobs} == {1}
     assert {str(job["result"]) for job in jobs} == set(by_pid)
+
+
+def test_heartbeats_keep_long_jobs_with_one_owner(client, workers):
+    """Jobs three times longer than the lease: renewals keep the other process off them."""
+    procs = [workers.spawn(workers=2, lease=1), workers.spawn(workers=2, lease=1)]
+    ids = [job["id"] for job, _ in client.submit_many(
+        [{"task": "proc.record", "params": {"seconds": 3}} for _ in range(6)])]
+    wait_for(lambda: all(client.get(i)["state"] == "succeeded" for i in ids), timeout=40,
+             interval=0.2, message="the long jobs to succeed")
+    for proc in procs:
+        assert workers.terminate(proc) == 0
+    runs = proc_worker.read_lines(workers.workdir, "runs-*.log")
+    assert sorted(job_id for job_id, *_ in runs) == sorted(ids)
+    assert {client.get(i)["attempts"] for i in ids} == {1}
+
+
+def test_cancel_reaches_a_job_running_in_another_process(client, workers):
+    workers.spawn(workers=1, lease=1)
+    job_id = client.submit("proc.wait", {"seconds": 30})
+    wait_for(lambda: client.get(job_id)["state"] == "running", timeout=20, message="the job to start")
+    client.cancel(job_id)
+    job = wait_for(lambda: (lambda j: j if j["state"] != "running" else None)(client.get(job_id)),
+                   timeout=10, message="the cancel to land")
+    assert job["state"] == "cancelled" and job["cancel_requested"] is True
