@@ -138,12 +138,21 @@ class _Sql:
         self.claim_select = q(
             f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
             f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
-        self._claim_update = (
+        claim_head = (
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_token = lease_token + 1, "
             f"lease_expires = {now} + ?, attempts = attempts + 1, "
             f"started_at = COALESCE(started_at, {now}) WHERE state = 'queued' AND id IN ")
-        self._claim_updates = {}
-        self._translate = q
+        self.claim_updates = {}
+
+        def claim_update(n):
+            """The claim UPDATE for `n` ids: one statement and one round trip per batch.
+            Only the count of `?` markers varies; the ids themselves are bound."""
+            statement = self.claim_updates.get(n)
+            if statement is None:
+                markers = ", ".join(["?"] * n)
+                statement = self.claim_updates[n] = q(f"{claim_head}({markers})")
+            return statement
+        self.claim_update = claim_update
         fence = "WHERE id = ? AND state = 'running' AND lease_token = ?"
         self.renew = q(f"UPDATE jobs SET lease_expires = {now} + ? {fence}")
         self.cancel_flags = q(
@@ -232,16 +241,6 @@ class _Sql:
             "SELECT s.job_id, s.name, s.seq, s.state, s.started_at, s.finished_at FROM steps s "
             f"JOIN (SELECT id FROM jobs{where} ORDER BY id DESC LIMIT ?) page ON s.job_id = page.id "
             "ORDER BY s.job_id, s.seq") for key, where in self._list_filters()}
-
-    def claim_update(self, n):
-        """The claim UPDATE for `n` ids: one statement, one round trip, whatever the batch.
-
-        Only the count of `?` markers varies; the ids themselves are bound."""
-        statement = self._claim_updates.get(n)
-        if statement is None:
-            markers = ", ".join(["?"] * n)
-            statement = self._claim_updates[n] = self._translate(f"{self._claim_update}({markers})")
-        return statement
 
     @staticmethod
     def _list_filters():

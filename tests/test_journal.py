@@ -475,7 +475,10 @@ def _recording_journal(url, seen):
 def _all_statements(sql):
     out = set()
     for value in vars(sql).values():
-        out.update(value.values() if isinstance(value, dict) else [value])
+        if isinstance(value, dict):
+            out.update(value.values())
+        elif isinstance(value, str):
+            out.add(value)
     return out
 
 
