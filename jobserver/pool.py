@@ -138,12 +138,20 @@ class Pool:
             self._dispatcher.join()
         grace = self.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
+        heartbeat_every, next_heartbeat = max(self.lease_ms / 3000, 0.05), time.monotonic()
         with self._idle:
             while not self._is_idle() and time.monotonic() < deadline:
                 self._idle.wait(0.05)
-                self._lock.release()  # outcome retries are the dispatcher's job, which has stopped
+                self._lock.release()  # the dispatcher has stopped: its upkeep goes on here
                 try:
                     self._retry_outcomes()
+                    if time.monotonic() >= next_heartbeat:
+                        # a grace longer than the lease must not let another node take over
+                        # (and run again) a job that is about to finish here
+                        next_heartbeat = time.monotonic() + heartbeat_every
+                        self._heartbeat()
+                except JournalUnavailable as exc:
+                    log.warning("journal unavailable while stopping (%s); retrying", exc)
                 finally:
                     self._lock.acquire()
             leftover = list(self._running.values())
