@@ -306,3 +306,24 @@ def test_a_result_too_big_for_the_journal_fails_the_job_instead_of_sticking(db_u
     with pytest.raises(InvalidJob):
         server.submit("t.big_result", {"blob": big})
     assert server.pool.join(5)
+
+
+def test_leases_are_renewed_while_shutdown_waits_for_running_jobs(db_url, servers):
+    """A grace longer than the lease: the stopping server still holds its job, no one else runs it."""
+    registry, runs, started = Registry(), collections.Counter(), threading.Event()
+
+    @registry.task("t.finish_in_grace")
+    def finish_in_grace(ctx):
+        runs[ctx.job_id] += 1
+        started.set()
+        time.sleep(2.5)  # ignores the stop request: it finishes within the grace
+        return "finished"
+
+    stopping = servers(db_url, registry, workers=1, lease_seconds=1)
+    job_id = stopping.submit("t.finish_in_grace")
+    wait_for(started.is_set, timeout=10, message="the job to start")
+    other = servers(db_url, registry, workers=1, lease_seconds=1)
+    stopping.stop(grace=5)
+    job = finished(other, job_id)
+    assert (job["state"], job["attempts"], job["result"]) == ("succeeded", 1, "finished")
+    assert runs[job_id] == 1
