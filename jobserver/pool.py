@@ -289,10 +289,13 @@ class Pool:
                 run.ctx.request_cancel()
 
     def recover(self, local_dead=False):
-        """Requeue jobs whose lease expired; with `local_dead`, also those held by dead local processes."""
+        """Requeue jobs whose lease expired; with `local_dead` (at start), also those held by dead
+        local processes and those held under this pool's own node id by an earlier incarnation
+        (a configured, stable `node_id`: nothing runs here yet, so they were cut off)."""
         owners = [None]
         if local_dead:
-            owners += [o for o in set(self.journal.running_owners()) if _dead_local_owner(o, self._scope)]
+            owners += [o for o in set(self.journal.running_owners())
+                       if o == self.node_id or _dead_local_owner(o, self._scope)]
         lost = {"type": "WorkerLost",
                 "message": f"the job's process died {self.max_crashes} times while running it"}
         for owner in owners:
