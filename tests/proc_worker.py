@@ -88,17 +88,20 @@ class Workers:
         self.workdir = Path(workdir)
         self.procs = []
 
-    def spawn(self, workers=4, lease=2.0, max_crashes=3, ready_timeout=30.0):
-        """Start one worker process and return its Popen once its pool has started."""
+    def spawn(self, workers=4, lease=2.0, max_crashes=3, node_id=None, ready_timeout=30.0,
+              wait_ready=True):
+        """Start one worker process and return its Popen once its pool has started
+        (at once with `wait_ready=False`, for a process that may die before it says so)."""
         log_path = self.workdir / f"worker-{len(self.procs)}.out"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, __file__, self.db_url, str(self.workdir), "--workers", str(workers),
-                 "--lease", str(lease), "--max-crashes", str(max_crashes)],
+                 "--lease", str(lease), "--max-crashes", str(max_crashes)]
+                + (["--node-id", node_id] if node_id else []),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs.append(proc)
         deadline = time.monotonic() + ready_timeout
-        while not (self.workdir / f"ready-{proc.pid}").exists():
+        while wait_ready and not (self.workdir / f"ready-{proc.pid}").exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"worker {proc.pid} did not start:\n{log_path.read_text()}")
             time.sleep(0.02)
@@ -128,6 +131,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--lease", type=float, default=2.0)
     parser.add_argument("--max-crashes", type=int, default=3)
+    parser.add_argument("--node-id", default=None)
     args = parser.parse_args(argv)
     global WORKDIR
     WORKDIR = Path(args.workdir)
@@ -135,7 +139,8 @@ def main(argv=None):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server = JobServer(args.db, tasks=registry, workers=args.workers, lease_seconds=args.lease,
-                       poll_interval=0.05, max_crashes=args.max_crashes, shutdown_grace=2)
+                       poll_interval=0.05, max_crashes=args.max_crashes, shutdown_grace=2,
+                       node_id=args.node_id)
     server.start()
     (WORKDIR / f"ready-{os.getpid()}").touch()
     while not stop.wait(0.2):

@@ -83,7 +83,8 @@ def test_a_job_that_kills_its_process_fails_with_worker_lost(client, workers):
     deaths = 0
     deadline = time.monotonic() + 60
     while client.get(job_id)["state"] not in TERMINAL and time.monotonic() < deadline:
-        proc = workers.spawn(workers=1, lease=60, max_crashes=3)
+        # the job may kill the process before it reports ready: do not wait for that
+        proc = workers.spawn(workers=1, lease=60, max_crashes=3, wait_ready=False)
         wait_for(lambda: proc.poll() is not None or client.get(job_id)["state"] in TERMINAL,
                  timeout=20, message="the job to kill its process or end")
         if proc.poll() is not None:
@@ -94,3 +95,17 @@ def test_a_job_that_kills_its_process_fails_with_worker_lost(client, workers):
     attempts = proc_worker.read_lines(workers.workdir, f"suicide-{job_id}.log")
     assert [a for a, _pid in attempts] == ["1", "2", "3"]
     assert len({pid for _a, pid in attempts}) == 3
+
+
+def test_a_restart_under_a_stable_node_id_takes_back_its_jobs_at_once(client, workers):
+    """With a configured node id the pid test cannot apply; the node's own name can."""
+    first = workers.spawn(workers=1, lease=60, node_id="stable-node")
+    job_id = client.submit("proc.record", {"seconds": 1})
+    wait_for(lambda: client.get(job_id)["state"] == "running", timeout=20, message="the job to start")
+    workers.kill(first)
+    restarted = time.monotonic()
+    workers.spawn(workers=1, lease=60, node_id="stable-node")
+    job = wait_for(lambda: (lambda j: j if j["state"] in TERMINAL else None)(client.get(job_id)),
+                   timeout=15, message="the job to finish after the restart")
+    assert (job["state"], job["attempts"]) == ("succeeded", 2)
+    assert time.monotonic() - restarted < 15
