@@ -89,11 +89,14 @@ def serving(app, threads=8):
 
 
 @contextmanager
-def launch(db_url, url_prefix="", tasks=TASKS, **overrides):
-    """A started JobServer behind a live HTTP server; everything stopped afterwards."""
+def launch(db_url, url_prefix="", tasks=TASKS, start=True, **overrides):
+    """A JobServer (started unless start=False: then jobs are only journaled, never run)
+    behind a live HTTP server; everything stopped afterwards."""
     options = dict(FAST, **overrides)
     with ExitStack() as stack:
-        server = JobServer(db_url, tasks=tasks, **options).start()
+        server = JobServer(db_url, tasks=tasks, **options)
+        if start:
+            server.start()
         stack.callback(server.stop)
         base = stack.enter_context(serving(create_app(server, url_prefix=url_prefix)))
         live = Live(server, base, url_prefix)
