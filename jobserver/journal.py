@@ -19,7 +19,7 @@ from enum import Enum
 from . import journal_drivers as drivers
 from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
-                     LeaseLost)
+                     LeaseLost, ServerClosed)
 from .groupcommit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,10 @@ class Journal:
         self.driver.close()
 
     def _read(self, fn):
+        # as writes do: a closed SQLite connection would raise sqlite3.ProgrammingError,
+        # and a MySQL pool would quietly open connections that nothing closes
+        if self._closed:
+            raise ServerClosed("the journal is closed")
         return self.driver.read(fn)
 
     def _write(self, fn, on_done=None):
