@@ -10,7 +10,7 @@ from conftest import wait_for
 from jobserver import journal_drivers
 from jobserver.codec import dumps
 from jobserver.errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
-                              LeaseLost)
+                              LeaseLost, ServerClosed)
 from jobserver.ids import new_id
 from jobserver.journal import SCHEMA_VERSION, Journal, State, decode_job, open_journal
 from jobserver.tasks import JobContext
@@ -572,3 +572,13 @@ def test_racing_idempotent_submits_from_two_journals_make_one_job(db_url):
     finally:
         for j in journals:
             j.close()
+
+
+def test_a_closed_journal_refuses_reads_and_writes_alike(db_url):
+    j = open_journal(db_url)
+    job_id = insert(j)
+    j.close()
+    for call in (lambda: j.get_job(job_id), lambda: j.list_jobs(), j.ping, j.count_queued,
+                 lambda: j.insert_jobs([make_job()]), lambda: j.claim("n", 1, 1000)):
+        with pytest.raises(ServerClosed):
+            call()
