@@ -49,7 +49,8 @@ def create_token(journal, name, admin=False):
 
     Raises ValueError for a bad name and InvalidTransition if `name` has a token already."""
     if not isinstance(name, str) or len(name) > MAX_NAME or not _NAME.match(name):
-        raise ValueError("a token name is 1-190 letters, digits and . _ @ + - (starting alphanumeric)")
+        raise ValueError("a token name is 1-190 letters, digits and . _ @ + -, "
+                         "starting with a letter or digit")
     if name == ANONYMOUS:
         raise ValueError(f"{ANONYMOUS!r} is the open-mode user; choose another name")
     token = secrets.token_urlsafe(32)

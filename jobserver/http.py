@@ -240,7 +240,7 @@ def submit():
     if not isinstance(body, dict):
         raise BadRequest("a job is a JSON object (or a batch: an array of them)")
     if key is not None:
-        if body.get("idempotency_key", key) != key:
+        if body.get("idempotency_key") not in (None, key):
             raise BadRequest("the Idempotency-Key header and the idempotency_key field differ")
         body = dict(body, idempotency_key=key)
     [(job, created)] = _api().server.submit_many([body], owner)

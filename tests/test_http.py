@@ -2,16 +2,15 @@
 import time
 
 import pytest
-from flask import Flask
+import requests
 from conftest import wait_for
-from http_fixtures import (PROBLEM, assert_problem, launch, live, live_sqlite,  # noqa: F401
+from flask import Flask
+from http_fixtures import (FAST, TASKS, assert_problem, launch, live, live_sqlite,  # noqa: F401
                            serving)
 
-from jobserver.auth import (Authenticator, create_token, hash_token, is_loopback_host)
+from jobserver.auth import Authenticator, create_token, hash_token, is_loopback_host
 from jobserver.http import init_app
 from jobserver.server import JobServer
-
-from http_fixtures import FAST, TASKS
 
 
 def _state(live, job_id, state, token=None):
@@ -45,7 +44,8 @@ def test_wait_returns_when_the_job_ends_not_at_the_timeout(live):
 
 
 def test_wait_gives_the_current_state_after_the_timeout(live_sqlite):
-    job_id = live_sqlite.post("/jobs", json={"task": "t.sleep", "params": {"seconds": 30}}).json()["id"]
+    spec = {"task": "t.sleep", "params": {"seconds": 30}}
+    job_id = live_sqlite.post("/jobs", json=spec).json()["id"]
     r = live_sqlite.get(f"/jobs/{job_id}", params={"wait": "0.2"})
     assert r.status_code == 200 and r.json()["state"] in ("queued", "running")
     live_sqlite.post(f"/jobs/{job_id}/cancel")
@@ -61,7 +61,8 @@ def test_list_newest_first_with_filters_and_cursor(live):
     assert r.status_code == 200 and [j["id"] for j in page["jobs"]] == ids[::-1][:2]
     seen = [j["id"] for j in page["jobs"]]
     while page["next"]:
-        page = live.get("/jobs", params={"task": "t.echo", "limit": 2, "cursor": page["next"]}).json()
+        query = {"task": "t.echo", "limit": 2, "cursor": page["next"]}
+        page = live.get("/jobs", params=query).json()
         seen += [j["id"] for j in page["jobs"]]
     assert seen == ids[::-1]
     only_failed = live.get("/jobs", params={"state": "failed"}).json()
@@ -159,13 +160,11 @@ def test_init_app_mounts_into_an_existing_app(sqlite_url):
     with JobServer(sqlite_url, tasks=TASKS, **FAST) as server:
         init_app(host, server, url_prefix="/q")
         assert host.extensions["jobserver"].server is server
-        with serving(host) as base:
-            import requests
-            with requests.Session() as s:
-                assert s.get(base + "/").text == "host page"
-                r = s.post(base + "/q/jobs", json={"task": "t.echo"})
-                assert r.status_code == 202 and r.headers["Location"].startswith("/q/jobs/")
-                assert_problem(s.post(base + "/q/jobs", data="{"), 400)
+        with serving(host) as base, requests.Session() as s:
+            assert s.get(base + "/").text == "host page"
+            r = s.post(base + "/q/jobs", json={"task": "t.echo"})
+            assert r.status_code == 202 and r.headers["Location"].startswith("/q/jobs/")
+            assert_problem(s.post(base + "/q/jobs", data="{"), 400)
 
 
 # --- auth -----------------------------------------------------------------------------

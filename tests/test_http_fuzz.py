@@ -32,6 +32,9 @@ job = st.fixed_dictionaries(
 documents = job | st.lists(job, max_size=4) | value
 
 
+MUTATIONS = ["none", "duplicate", "nan", "deep", "number", "truncate", "flip"]
+
+
 def _mutate(text, how, data):
     """Text-level damage a JSON encoder would never produce."""
     if how == "duplicate" and text.startswith("{") and len(text) > 2:
@@ -42,7 +45,8 @@ def _mutate(text, how, data):
         depth = data.draw(st.integers(60, 3000))
         return "[" * depth + text + "]" * depth
     if how == "number":
-        return text.replace("0", data.draw(st.sampled_from(["1e999", "-1e400", "9" * 5000, "1" * 4000])), 1)
+        huge = data.draw(st.sampled_from(["1e999", "-1e400", "9" * 5000, "1" * 4000]))
+        return text.replace("0", huge, 1)
     if how == "truncate":
         return text[:data.draw(st.integers(0, len(text)))]
     return text
@@ -52,7 +56,7 @@ def _body(data):
     if data.draw(st.integers(0, 9)) == 0:
         return data.draw(st.binary(max_size=200))
     text = json.dumps(data.draw(documents))
-    how = data.draw(st.sampled_from(["none", "duplicate", "nan", "deep", "number", "truncate", "flip"]))
+    how = data.draw(st.sampled_from(MUTATIONS))
     raw = _mutate(text, how, data).encode("utf-8", "surrogatepass")
     if how == "flip" and raw:
         i = data.draw(st.integers(0, len(raw) - 1))
@@ -72,7 +76,8 @@ def _refuse_callbacks(url):
 
 
 header_text = st.text(st.characters(min_codepoint=33, max_codepoint=126)
-                      | st.characters(min_codepoint=161, max_codepoint=255), min_size=1, max_size=250)
+                      | st.characters(min_codepoint=161, max_codepoint=255),
+                      min_size=1, max_size=250)
 
 
 def test_fuzzed_submits_never_500(db_url):
@@ -121,5 +126,7 @@ def test_seeded_random_garbage_never_500(sqlite_url):
         for _ in range(200):
             size = rng.choice([0, 1, 2, 10, 100, 1000])
             body = bytes(rng.getrandbits(8) for _ in range(size))
-            path = rng.choice(["/jobs", "/jobs/abc/cancel", "/jobs/abc/retry", "/tasks", "/healthz"])
-            _check(live.request(rng.choice(["POST", "GET", "PUT", "PATCH", "DELETE"]), path, data=body))
+            path = rng.choice(["/jobs", "/jobs/abc/cancel", "/jobs/abc/retry", "/tasks",
+                               "/healthz"])
+            method = rng.choice(["POST", "GET", "PUT", "PATCH", "DELETE"])
+            _check(live.request(method, path, data=body))
