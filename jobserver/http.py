@@ -76,7 +76,10 @@ def create_app(server, *, url_prefix=""):
 
 
 def init_app(app, server, url_prefix=""):
-    """Mount the API of `server` into an existing Flask app under `url_prefix`."""
+    """Mount the API of `server` into an existing Flask app under `url_prefix`.
+
+    Errors of the API's routes are problem+json; the host app keeps its own handlers for
+    its paths (and for 404/405 of paths that match no route at all)."""
     app.register_blueprint(api_blueprint(server), url_prefix=url_prefix or None)
     return app
 
@@ -85,7 +88,7 @@ def api_blueprint(server, name="jobserver"):
     """A Blueprint with every route; registering it puts an Api in app.extensions["jobserver"]."""
     api = Api(server)
     bp = Blueprint(name, __name__)
-    bp.record_once(lambda setup: setup.app.extensions.setdefault("jobserver", api))
+    bp.record_once(lambda setup: _register(setup.app, api))
     _install_common(bp)
     bp.before_request(_authenticate)
     bp.add_url_rule("/jobs", "submit", submit, methods=["POST"])
@@ -107,6 +110,12 @@ def _install_common(target):
     target.register_error_handler(HTTPException, _http_error)
     target.register_error_handler(JobserverError, _jobserver_error)
     target.register_error_handler(Exception, _unexpected_error)
+
+
+def _register(app, api):
+    existing = app.extensions.setdefault("jobserver", api)
+    if existing.server is not api.server:
+        raise ValueError("this Flask app serves another JobServer already")
 
 
 def _api():

@@ -9,7 +9,7 @@ from http_fixtures import (FAST, TASKS, assert_problem, launch, live, live_sqlit
                            serving)
 
 from jobserver.auth import Authenticator, create_token, hash_token, is_loopback_host
-from jobserver.http import init_app
+from jobserver.http import api_blueprint, create_app, init_app
 from jobserver.server import JobServer
 
 
@@ -225,3 +225,11 @@ def test_tokens_are_stored_only_as_hashes(sqlite_url):
 ])
 def test_is_loopback_host(host, loopback):
     assert is_loopback_host(host) is loopback
+
+
+def test_one_app_serves_one_jobserver(tmp_path):
+    with JobServer(f"sqlite:///{tmp_path / 'a.db'}", tasks=TASKS, **FAST) as first, \
+            JobServer(f"sqlite:///{tmp_path / 'b.db'}", tasks=TASKS, **FAST) as second:
+        app = create_app(first)
+        with pytest.raises(ValueError):
+            app.register_blueprint(api_blueprint(second, name="second"), url_prefix="/two")
