@@ -61,9 +61,9 @@ def test_two_processes_share_the_jobs_and_run_each_once(client, workers):
 
 def test_heartbeats_keep_long_jobs_with_one_owner(client, workers):
     """Jobs three times longer than the lease: renewals keep the other process off them."""
-    procs = [workers.spawn(workers=2, lease=1), workers.spawn(workers=2, lease=1)]
+    procs = [workers.spawn(workers=2, lease=1.5), workers.spawn(workers=2, lease=1.5)]
     ids = [job["id"] for job, _ in client.submit_many(
-        [{"task": "proc.record", "params": {"seconds": 3}} for _ in range(6)])]
+        [{"task": "proc.record", "params": {"seconds": 4}} for _ in range(4)])]
     wait_for(lambda: all(client.get(i)["state"] == "succeeded" for i in ids), timeout=40,
              interval=0.2, message="the long jobs to succeed")
     for proc in procs:
