@@ -1,6 +1,7 @@
 """A live HTTP server for tests: a JobServer, create_app, and real waitress on a free port.
 
 Import the fixtures into a test module: `from http_fixtures import launch, live, TASKS`."""
+import socket
 import threading
 from contextlib import ExitStack, contextmanager
 
@@ -128,3 +129,72 @@ def assert_problem(response, status):
     assert isinstance(body["detail"], str)
     assert "Traceback" not in response.text
     return body
+
+
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 in front of `target`, to cut a journal's network for real.
+
+    `cut()` drops every relayed connection and refuses new ones; `resume()` listens on
+    the same port again."""
+
+    def __init__(self, target):
+        self.target = target
+        self._lock = threading.Lock()
+        self._sockets = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._start()
+
+    def _start(self):
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _addr = listener.accept()
+            except OSError:
+                return  # listener closed by cut()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if listener.fileno() == -1:  # cut() ran meanwhile: this one is cut too
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self._lock:
+            sockets, self._sockets = [self._listener] + self._sockets, []
+        for sock in sockets:  # shutdown first: close() alone wakes neither accept() nor recv()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def resume(self):
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._start()
+
+    def close(self):
+        self.cut()

@@ -1,7 +1,9 @@
 """Every error status of API.md, as application/problem+json, over real waitress."""
+from urllib.parse import urlparse, urlunparse
+
 import pytest
 from conftest import wait_for
-from http_fixtures import assert_problem, launch, live, live_sqlite  # noqa: F401
+from http_fixtures import TcpProxy, assert_problem, launch, live, live_sqlite  # noqa: F401
 
 from jobserver.errors import InvalidCallback
 
@@ -163,6 +165,27 @@ def test_stopping_server_answers_503_with_retry_after(sqlite_url):
                   live.get("/jobs"), live.post(f"/jobs/{job_id}/cancel")):
             assert_problem(r, 503)
             assert int(r.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.mysql
+def test_unreachable_journal_answers_503_then_recovers(mysql_url):
+    url = urlparse(mysql_url)
+    proxy = TcpProxy((url.hostname, url.port or 3306))
+    auth = url.username + (f":{url.password}" if url.password else "")
+    try:
+        with launch(urlunparse(url._replace(netloc=f"{auth}@127.0.0.1:{proxy.port}"))) as live:
+            job_id = live.post("/jobs", data=JOB).json()["id"]
+            proxy.cut()
+            for r in (live.get("/healthz"), live.get(f"/jobs/{job_id}"), live.get("/jobs"),
+                      live.post("/jobs", data=JOB), live.post(f"/jobs/{job_id}/cancel")):
+                assert_problem(r, 503)
+                assert int(r.headers["Retry-After"]) >= 1
+            proxy.resume()
+            wait_for(lambda: live.get("/healthz").status_code == 200, timeout=30,
+                     message="the journal to be reachable again")
+            assert live.post("/jobs", data=JOB).status_code == 202
+    finally:
+        proxy.close()
 
 
 def test_unexpected_failure_is_500_problem_with_request_id(live_sqlite, monkeypatch, caplog):
