@@ -6,6 +6,7 @@
 POST /projects answers at once with the app's own envelope and a status URL; the job
 runs in this process; jobserver POSTs the outcome, signed, to /hooks/jobserver."""
 import os
+import signal
 
 from flask import Flask, jsonify, request, url_for
 from waitress import serve
@@ -57,7 +58,12 @@ def create_app(server, public_url):
     return app
 
 
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: waitress returns and the pool stops gracefully
+
+
 def main():
+    signal.signal(signal.SIGTERM, _interrupt)
     port = int(os.environ.get("PORT", "5000"))
     public_url = f"http://127.0.0.1:{port}"
     # the callback goes to this very app on loopback, which the SSRF guard refuses unless allowed

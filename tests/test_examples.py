@@ -27,7 +27,8 @@ def example_app(tmp_path):
         yield url
     finally:
         proc.terminate()
-        proc.wait(30)
+        code = proc.wait(30)
+    assert code == 0, (tmp_path / "example.log").read_text()
 
 
 def _up(url, proc):
