@@ -6,6 +6,10 @@ server is in open mode: every caller is `anonymous`. `Authenticator` caches the
 "any tokens?" answer for about a second, so open mode costs no database read per
 request, while a token created by `jobserver token create` takes effect within that
 second on every process sharing the journal.
+
+Scope: a caller sees and acts on the jobs it owns (others' answer 404, as if absent);
+an admin token sees every owner's. Jobs submitted in open mode belong to `anonymous`,
+so once tokens exist only an admin sees them.
 """
 import hashlib
 import ipaddress

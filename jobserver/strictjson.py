@@ -22,6 +22,7 @@ def parse_strict(data):
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise StrictJsonError("the body is not UTF-8") from None
+    text = text.removeprefix("\ufeff")  # a byte order mark, as some Windows tools send
     if not text.strip():
         raise StrictJsonError("the body is empty; send a JSON document")
     try:

@@ -51,6 +51,7 @@ def test_json_is_parsed_whatever_the_content_type(live_sqlite):
     for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
         headers = {"Content-Type": content_type} if content_type else {}
         assert live_sqlite.post("/jobs", data=JOB, headers=headers).status_code == 202
+    assert live_sqlite.post("/jobs", data=b"\xef\xbb\xbf" + JOB).status_code == 202  # a BOM
 
 
 def test_nesting_of_64_is_accepted(live_sqlite):
