@@ -383,9 +383,16 @@ class Journal:
         def op(cur):
             cur.execute(self.sql.now)
             now = cur.fetchone()[0]
-            out, fresh = [], []
+            out, fresh, keys = [], [], {}
             for job in jobs:
                 existing = self._find_idempotent(cur, job)
+                key = (job["owner"], job.get("idempotency_key"))
+                if existing is None and key in keys:
+                    # the same key earlier in this batch: the unique index would refuse the
+                    # second row on every retry, so answer as for a key used before
+                    existing = keys[key]
+                    if existing["request_hash"] != job["request_hash"]:
+                        raise IdempotencyConflict(job["idempotency_key"], existing["id"])
                 if existing is not None:
                     out.append((existing, False))
                     continue
@@ -394,6 +401,8 @@ class Journal:
                            progress=None, result=None, error=None, cancel_requested=0,
                            started_at=None, finished_at=None)
                 row.pop("delay_ms", None)
+                if key[1] is not None:
+                    keys[key] = row
                 out.append((row, True))
                 fresh.append(tuple(row[c] for c in JOB_COLUMNS))
             if fresh:
