@@ -582,3 +582,16 @@ def test_a_closed_journal_refuses_reads_and_writes_alike(db_url):
                  lambda: j.insert_jobs([make_job()]), lambda: j.claim("n", 1, 1000)):
         with pytest.raises(ServerClosed):
             call()
+
+
+def test_one_key_twice_in_one_batch_makes_one_job(journal):
+    first = make_job(idempotency_key="dup", request_hash="1" * 64)
+    again = make_job(idempotency_key="dup", request_hash="1" * 64)
+    [(a, a_created), (b, b_created)] = journal.insert_jobs([first, again])
+    assert (a["id"], a_created) == (first["id"], True)
+    assert (b["id"], b_created) == (first["id"], False)
+    assert journal.count_queued() == 1
+    with pytest.raises(IdempotencyConflict):
+        journal.insert_jobs([make_job(idempotency_key="other", request_hash="1" * 64),
+                             make_job(idempotency_key="other", request_hash="2" * 64)])
+    assert journal.count_queued() == 1
