@@ -327,3 +327,23 @@ def test_leases_are_renewed_while_shutdown_waits_for_running_jobs(db_url, server
     job = finished(other, job_id)
     assert (job["state"], job["attempts"], job["result"]) == ("succeeded", 1, "finished")
     assert runs[job_id] == 1
+
+
+def test_a_retry_waits_for_its_backoff(db_url, servers):
+    registry, times = Registry(), []
+
+    @registry.task("t.once_more", max_retries=1, retry_backoff=0.6)
+    def once_more(ctx):
+        times.append(time.monotonic())
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return ctx.attempt
+
+    server = servers(db_url, registry, workers=1)
+    job_id = server.submit("t.once_more")
+    wait_for(lambda: server.get(job_id)["error"] is not None, timeout=10, message="the first failure")
+    queued = server.get(job_id)
+    assert queued["state"] in ("queued", "running") and queued["error"]["type"] == "RuntimeError"
+    job = finished(server, job_id)
+    assert (job["state"], job["result"], job["attempts"], job["error"]) == ("succeeded", 2, 2, None)
+    assert times[1] - times[0] >= 0.29  # equal jitter: at least half of the 0.6 s base
