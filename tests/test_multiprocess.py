@@ -1,6 +1,7 @@
 """Two worker processes share one journal (one SQLite file; one MariaDB database): every
 job runs exactly once, and no job ever has two overlapping runs."""
 import collections
+import signal
 
 import pytest
 
@@ -81,3 +82,24 @@ def test_cancel_reaches_a_job_running_in_another_process(client, workers):
     job = wait_for(lambda: (lambda j: j if j["state"] != "running" else None)(client.get(job_id)),
                    timeout=10, message="the cancel to land")
     assert job["state"] == "cancelled" and job["cancel_requested"] is True
+
+
+def test_a_frozen_process_loses_its_job_and_its_late_outcome_is_fenced_out(client, workers):
+    """SIGSTOP past the lease: another process takes the job over; after SIGCONT the first
+    run ends too, but only the owner of the live lease records an outcome."""
+    frozen = workers.spawn(workers=1, lease=1)
+    job_id = client.submit("proc.record", {"seconds": 2})
+    wait_for(lambda: client.get(job_id)["state"] == "running", timeout=20, message="the job to start")
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        taker = workers.spawn(workers=1, lease=1)
+        job = wait_for(lambda: (lambda j: j if j["state"] == "succeeded" else None)(client.get(job_id)),
+                       timeout=30, message="the other process to finish the job")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert (job["result"], job["attempts"]) == (taker.pid, 2)
+    wait_for(lambda: len(proc_worker.read_lines(workers.workdir, "runs-*.log")) == 2, timeout=20,
+             message="the thawed run to end")
+    assert workers.terminate(frozen) == 0
+    after = client.get(job_id)
+    assert (after["state"], after["result"], after["attempts"]) == ("succeeded", taker.pid, 2)
