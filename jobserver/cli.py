@@ -183,8 +183,11 @@ def serve(config):
         print(f"jobserver: error: {refusal}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        # waitress buffers a whole body before the app sees it: bound that too, well above
+        # max_body so that ordinary oversize bodies still get the app's problem+json 413
         http = create_server(create_app(server), host=config.host, port=config.port,
-                             threads=config.threads, ident="jobserver")
+                             threads=config.threads, ident="jobserver",
+                             max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024))
     except OSError as exc:
         server.stop()
         print(f"jobserver: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)

@@ -88,6 +88,7 @@ class SqliteDriver:
         self._all = []
         self._lock = threading.Lock()
         self._writer = None
+        self._closed = False
 
     def _connect(self):
         try:
@@ -102,6 +103,8 @@ class SqliteDriver:
         return conn
 
     def read(self, fn):
+        if self._closed:
+            raise JournalUnavailable("the journal is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
@@ -145,6 +148,7 @@ class SqliteDriver:
             raise
 
     def close(self):
+        self._closed = True
         with self._lock:
             conns, self._all = self._all, []
         for conn in conns:
@@ -190,6 +194,8 @@ class MysqlDriver:
             raise JournalUnavailable(f"cannot connect to MySQL at {self._params['host']}: {exc}") from exc
 
     def read(self, fn):
+        if self._closed:
+            raise JournalUnavailable("the journal is closed")
         if not self._slots.acquire(timeout=10):
             raise JournalUnavailable("all journal connections are busy")
         try:
