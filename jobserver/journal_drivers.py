@@ -217,11 +217,8 @@ class MysqlDriver:
             self._slots.release()
 
     def write_transaction(self, fn):
-        if self._writer is None:
-            self._writer = self._connect()
-        conn = self._writer
+        conn = self._begin_on_writer()
         try:
-            conn.begin()
             with conn.cursor() as cur:
                 fn(cur)
             conn.commit()
@@ -237,6 +234,29 @@ class MysqlDriver:
                     raise JournalUnavailable(f"journal write failed: {exc}") from exc
                 raise StatementError(str(exc)) from exc
             raise
+
+    def _begin_on_writer(self):
+        """The writer connection with a transaction begun.
+
+        If the server dropped the idle writer (wait_timeout, a restart, a failover), BEGIN
+        is the first thing to fail and nothing of the transaction has run: one fresh
+        connection tries again, so the first write after a quiet night does not fail."""
+        for attempt in (1, 2):
+            if self._writer is None:
+                self._writer = self._connect()
+            conn = self._writer
+            try:
+                conn.begin()
+                return conn
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+                self._writer = None
+                try:
+                    conn.close()
+                except pymysql.err.Error:
+                    log.debug("closing a dead connection failed", exc_info=True)
+                if attempt == 2:
+                    raise JournalUnavailable(f"journal write failed: {exc}") from exc
+                log.info("the journal writer's connection was closed (%s); reconnecting", exc)
 
     @staticmethod
     def _rollback(conn):
