@@ -3,7 +3,9 @@
 Everything is inspected through the Journal's own methods, never with raw SQL."""
 import math
 import threading
+from urllib.parse import urlparse
 
+import pymysql
 import pytest
 
 from conftest import wait_for
@@ -595,3 +597,33 @@ def test_one_key_twice_in_one_batch_makes_one_job(journal):
         journal.insert_jobs([make_job(idempotency_key="other", request_hash="1" * 64),
                              make_job(idempotency_key="other", request_hash="2" * 64)])
     assert journal.count_queued() == 1
+
+
+def _drop_connections_server_side(mysql_url):
+    """Fault injection, not inspection: the server closes every connection to the test's
+    database, as its wait_timeout, a restart or a failover would."""
+    parsed = urlparse(mysql_url)
+    name = parsed.path.lstrip("/")
+    admin = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
+                            password=parsed.password or "", autocommit=True, connect_timeout=5)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT id FROM information_schema.processlist WHERE db = %s", (name,))
+            for (connection_id,) in cur.fetchall():
+                cur.execute("KILL CONNECTION %s", (int(connection_id),))
+    finally:
+        admin.close()
+
+
+@pytest.mark.mysql
+def test_connections_dropped_by_the_server_are_replaced_without_failing_a_call(mysql_url):
+    j = open_journal(mysql_url)
+    try:
+        insert(j)
+        assert j.count_queued() == 1
+        _drop_connections_server_side(mysql_url)
+        assert j.count_queued() == 1  # a read on a dead pooled connection
+        insert(j)  # the first write on a dead writer connection
+        assert j.count_queued() == 2
+    finally:
+        j.close()
