@@ -160,7 +160,7 @@ def test_claim_sets_lease_and_counts_the_attempt(journal):
 
 
 def test_delayed_job_is_not_claimable_before_run_at(journal):
-    job_id = insert(journal, delay_ms=700)
+    job_id = insert(journal, delay_ms=1200)
     run_at = journal.get_job(job_id)["run_at"]
     assert journal.claim("n", 5, 60_000) == []
     [job] = wait_for(lambda: journal.claim("n", 5, 60_000), timeout=10, message="the delayed job")
