@@ -475,6 +475,7 @@ def _recording_journal(url, seen):
 
 
 def _all_statements(sql):
+    """Every SQL text an `_Sql` holds (plain attributes and the values of its dicts)."""
     out = set()
     for value in vars(sql).values():
         if isinstance(value, dict):
