@@ -89,7 +89,7 @@ class Workers:
         self.procs = []
 
     def spawn(self, workers=4, lease=2.0, max_crashes=3, node_id=None, ready_timeout=30.0,
-              wait_ready=True):
+              wait_ready=True, extra=()):
         """Start one worker process and return its Popen once its pool has started
         (at once with `wait_ready=False`, for a process that may die before it says so)."""
         log_path = self.workdir / f"worker-{len(self.procs)}.out"
@@ -97,7 +97,7 @@ class Workers:
             proc = subprocess.Popen(
                 [sys.executable, __file__, self.db_url, str(self.workdir), "--workers", str(workers),
                  "--lease", str(lease), "--max-crashes", str(max_crashes)]
-                + (["--node-id", node_id] if node_id else []),
+                + (["--node-id", node_id] if node_id else []) + list(extra),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs.append(proc)
         deadline = time.monotonic() + ready_timeout
@@ -124,6 +124,17 @@ class Workers:
             proc.wait(10)
 
 
+def submit_forever(server, threads=4):
+    """Submit from several threads, logging each id once submit() has returned, until killed."""
+    def loop():
+        while True:
+            append("submitted.log", server.submit("proc.record"))
+    for _ in range(threads):
+        threading.Thread(target=loop, daemon=True).start()
+    (WORKDIR / f"ready-{os.getpid()}").touch()
+    threading.Event().wait()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("db")
@@ -132,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--lease", type=float, default=2.0)
     parser.add_argument("--max-crashes", type=int, default=3)
     parser.add_argument("--node-id", default=None)
+    parser.add_argument("--submit-forever", action="store_true",
+                        help="do not run jobs: submit from 4 threads until killed")
     args = parser.parse_args(argv)
     global WORKDIR
     WORKDIR = Path(args.workdir)
@@ -141,6 +154,8 @@ def main(argv=None):
     server = JobServer(args.db, tasks=registry, workers=args.workers, lease_seconds=args.lease,
                        poll_interval=0.05, max_crashes=args.max_crashes, shutdown_grace=2,
                        node_id=args.node_id)
+    if args.submit_forever:
+        submit_forever(server)
     server.start()
     (WORKDIR / f"ready-{os.getpid()}").touch()
     while not stop.wait(0.2):

@@ -109,3 +109,16 @@ def test_a_restart_under_a_stable_node_id_takes_back_its_jobs_at_once(client, wo
                    timeout=15, message="the job to finish after the restart")
     assert (job["state"], job["attempts"]) == ("succeeded", 2)
     assert time.monotonic() - restarted < 15
+
+
+def test_every_submit_that_returned_survives_a_kill(client, workers):
+    """Durable submit: an id is logged only after submit() returned; all are in the journal."""
+    submitter = workers.spawn(extra=["--submit-forever"])
+    log = workers.workdir / "submitted.log"
+    wait_for(lambda: log.exists() and len(log.read_text().split()) >= 300, timeout=30,
+             message="300 submits")
+    workers.kill(submitter)
+    ids = log.read_text().split()
+    assert len(ids) == len(set(ids)) >= 300
+    jobs, _ = client.list(limit=len(ids) + 1000)
+    assert set(ids) <= {job["id"] for job in jobs}
