@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import JobCancelled, UnknownTask
 
+MAX_STEP_NAME = 190  # the journal's steps.name column
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -128,6 +130,9 @@ class JobContext:
         If an earlier attempt finished this step, its recorded result is returned and `fn`
         is not called. The result must be JSON; it is committed before step() returns.
         Step names must be unique within a job."""
+        if not isinstance(name, str) or not name or len(name) > MAX_STEP_NAME:
+            # MySQL would refuse the row and the step would silently lose its checkpoint
+            raise ValueError(f"a step name is a non-empty string of at most {MAX_STEP_NAME} characters")
         self._step_seq += 1
         recorded = self._journal.get_step(self.job_id, name)
         if recorded is not None and recorded["state"] == "succeeded":
