@@ -347,3 +347,23 @@ def test_a_retry_waits_for_its_backoff(db_url, servers):
     job = finished(server, job_id)
     assert (job["state"], job["result"], job["attempts"], job["error"]) == ("succeeded", 2, 2, None)
     assert times[1] - times[0] >= 0.29  # equal jitter: at least half of the 0.6 s base
+
+
+def test_a_step_name_the_journal_cannot_hold_is_refused_on_both_engines(db_url, servers):
+    """MariaDB would drop the step's row (VARCHAR(190)) and the step would run again after a crash."""
+    registry, calls = Registry(), []
+
+    @registry.task("t.long_step_name")
+    def long_step_name(ctx):
+        return ctx.step("s" * 191, lambda: calls.append(1) or "ran")
+
+    @registry.task("t.longest_step_name")
+    def longest_step_name(ctx):
+        return ctx.step("s" * 190, lambda: "ran")
+
+    server = servers(db_url, registry, workers=1)
+    refused = finished(server, server.submit("t.long_step_name"))
+    assert refused["state"] == "failed" and refused["error"]["type"] == "ValueError"
+    assert calls == [] and refused["steps"] == []
+    kept = finished(server, server.submit("t.longest_step_name"))
+    assert kept["state"] == "succeeded" and kept["steps"][0]["state"] == "succeeded"
