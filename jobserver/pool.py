@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_TRACEBACK = 16_000
 MAX_MESSAGE = 2_000
+MAX_NODE_ID = 120  # the journal's lease_owner column
 
 
 def _node_scope():
@@ -105,6 +106,9 @@ class Pool:
         self.shutdown_grace = shutdown_grace
         self.max_crashes = max_crashes
         self.node_id = node_id or make_node_id()
+        if len(self.node_id) > MAX_NODE_ID:
+            # MySQL would refuse every claim (lease_owner column); SQLite would not: refuse both
+            raise ValueError(f"node_id is at most {MAX_NODE_ID} characters")
         self._listener = listener
         self._scope = _node_scope()
         self._running = {}     # job id -> _Run whose task function is executing
