@@ -367,3 +367,11 @@ def test_a_step_name_the_journal_cannot_hold_is_refused_on_both_engines(db_url, 
     assert calls == [] and refused["steps"] == []
     kept = finished(server, server.submit("t.longest_step_name"))
     assert kept["state"] == "succeeded" and kept["steps"][0]["state"] == "succeeded"
+
+
+def test_a_node_id_the_journal_cannot_hold_is_refused_at_once(db_url):
+    registry = Registry()
+    with pytest.raises(ValueError):
+        JobServer(db_url, tasks=registry, node_id="n" * 121)
+    server = JobServer(db_url, tasks=registry, node_id="n" * 120, **FAST).start()
+    server.stop()
