@@ -601,7 +601,7 @@ class Journal:
     def cancel(self, job_id, new_callback_id):
         """Cancel a queued job at once, or flag a running one. Returns the new state.
 
-        Raises InvalidTransition for a finished job, and KeyError for none."""
+        Raises InvalidTransition for a finished job, or with state None when there is no such job."""
         def op(cur):
             cur.execute(self.sql.state_of, (job_id,))
             row = cur.fetchone()

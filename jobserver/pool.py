@@ -125,7 +125,7 @@ class Pool:
     # --- lifecycle --------------------------------------------------------------------
     def start(self):
         """Recover what dead processes left running, then start claiming."""
-        self.recover(local_dead=True)
+        self.recover(at_start=True)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="jobserver-worker")
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="jobserver-dispatcher",
                                             daemon=True)
@@ -217,7 +217,7 @@ class Pool:
                     self._heartbeat()
                     next_heartbeat = now + heartbeat_every
                 if now >= next_sweep:
-                    self.recover(local_dead=False)
+                    self.recover()
                     next_sweep = now + heartbeat_every * 1.5
                 failures = 0
             except JournalUnavailable as exc:
@@ -292,14 +292,12 @@ class Pool:
             else:
                 run.ctx.request_cancel()
 
-    def recover(self, local_dead=False):
-        """Requeue jobs whose lease expired; with `local_dead` (at start), also those held by dead
-        local processes and those held under this pool's own node id by an earlier incarnation
+    def recover(self, at_start=False):
+        """Requeue jobs whose lease expired, and those held by dead processes on this host;
+        `at_start`, also those held under this pool's own node id by an earlier incarnation
         (a configured, stable `node_id`: nothing runs here yet, so they were cut off)."""
-        owners = [None]
-        if local_dead:
-            owners += [o for o in set(self.journal.running_owners())
-                       if o == self.node_id or _dead_local_owner(o, self._scope)]
+        owners = [None] + [o for o in set(self.journal.running_owners())
+                           if (at_start and o == self.node_id) or _dead_local_owner(o, self._scope)]
         lost = {"type": "WorkerLost",
                 "message": f"the job's process died {self.max_crashes} times while running it"}
         for owner in owners:

@@ -90,15 +90,15 @@ class JobServer:
         self.journal = open_journal(self.config.db)
         self.waiters = Waiters()
         self._listeners = []
-        self.pool = Pool(self.journal, self.registry, workers=self.config.workers,
-                         lease_seconds=self.config.lease_seconds,
-                         poll_interval=self.config.poll_interval,
-                         shutdown_grace=self.config.shutdown_grace,
-                         max_crashes=self.config.max_crashes, listener=self._on_event,
-                         node_id=self.config.node_id)
         try:
+            self.pool = Pool(self.journal, self.registry, workers=self.config.workers,
+                             lease_seconds=self.config.lease_seconds,
+                             poll_interval=self.config.poll_interval,
+                             shutdown_grace=self.config.shutdown_grace,
+                             max_crashes=self.config.max_crashes, listener=self._on_event,
+                             node_id=self.config.node_id)
             self.deliverer = Deliverer(self.journal, self.config, render=self.get)
-        except ValueError:  # a bad callback secret or setting: do not leave the journal open
+        except ValueError:  # a bad node id, callback secret or setting: do not leave the journal open
             self.journal.close()
             raise
         self.callback_guard = self.deliverer.guard.check  # url -> url, or InvalidCallback
