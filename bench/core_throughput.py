@@ -302,7 +302,7 @@ def run_trial(args):
         result = trial_rq(args, name)
     else:
         raise SystemExit(f"unknown trial {name}")
-    result.update(config=name, n=args.n, jobs_per_s=result["completed"] / result["seconds"]
+    result.update(config=name, n=args.n, code=git_state(), jobs_per_s=result["completed"] / result["seconds"]
                   if result["seconds"] > 0 else None)
     print("RESULT " + json.dumps(result), flush=True)
 

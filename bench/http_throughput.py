@@ -63,11 +63,11 @@ def wait_http(url, proc, timeout=30.0):
         raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
-def start_jobserver(tmp, port, extra=()):
+def start_jobserver(tmp, port, threads, extra=()):
     """`jobserver serve` if the CLI works, else create_app in-process served by waitress."""
     db = f"sqlite:///{tmp}/jobs.db"
     argv = [tool("jobserver"), "serve", "--db", db, "--host", "127.0.0.1", "--port", str(port),
-            "--threads", "8", "--workers", "8", "--tasks", "bench.bench_tasks", *extra]
+            "--threads", str(threads), "--workers", "8", "--tasks", "bench.bench_tasks", *extra]
     proc = spawn(argv, log_path=f"{tmp}/serve.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc, 20)
@@ -75,7 +75,7 @@ def start_jobserver(tmp, port, extra=()):
     except RuntimeError:
         stop(proc)
     proc = spawn([sys.executable, "-m", "bench.http_apps", "jobserver", "--port", str(port),
-                  "--threads", "8", "--db", db], log_path=f"{tmp}/app.log")
+                  "--threads", str(threads), "--db", db], log_path=f"{tmp}/app.log")
     wait_http(f"http://127.0.0.1:{port}/healthz", proc, 20)
     return proc, "create_app in-process (jobserver serve did not start)"
 
@@ -125,7 +125,7 @@ def measure(args, target):
             wait_http(base + "/", procs[-1])
             return run_wrk(args, base + "/jobs", "post_job.lua", tmp)
         extra = ("--max-queued", "none") if target == "js-batch" else ()
-        proc, how = start_jobserver(tmp, port, extra)
+        proc, how = start_jobserver(tmp, port, args.js_threads, extra)
         procs.append(proc)
         note = how
         if target == "js-post":
@@ -175,6 +175,8 @@ def main():
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--only", help="comma-separated: " + ", ".join(TARGETS))
+    p.add_argument("--js-threads", type=int, default=8,
+                   help="waitress threads of jobserver serve (default 8, as the bare Flask app)")
     p.add_argument("--redis-url", default=REDIS_URL,
                    help="Redis database for Celery (the bench deletes its result keys there)")
     p.add_argument("--json-out")
@@ -184,6 +186,8 @@ def main():
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
     names = args.only.split(",") if args.only else list(TARGETS)
+    for name in DESCRIBE:
+        DESCRIBE[name] = DESCRIBE[name].replace("--threads 8", f"--threads {args.js_threads}")
     for name in names:
         if name not in TARGETS:
             raise SystemExit(f"unknown target {name}; choose from {', '.join(TARGETS)}")
