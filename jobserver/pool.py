@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_TRACEBACK = 16_000
 MAX_MESSAGE = 2_000
+SWEEP_EVERY = 5.0  # seconds at most between looks for expired leases and dead local owners
 MAX_NODE_ID = 120  # the journal's lease_owner column
 
 
@@ -203,7 +204,8 @@ class Pool:
     # --- dispatcher -------------------------------------------------------------------
     def _dispatch_loop(self):
         heartbeat_every = max(self.lease_ms / 3000, 0.05)
-        next_heartbeat = next_sweep = time.monotonic() + heartbeat_every
+        next_heartbeat = time.monotonic() + heartbeat_every
+        next_sweep = time.monotonic() + min(heartbeat_every, SWEEP_EVERY)
         failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
@@ -218,7 +220,7 @@ class Pool:
                     next_heartbeat = now + heartbeat_every
                 if now >= next_sweep:
                     self.recover()
-                    next_sweep = now + heartbeat_every * 1.5
+                    next_sweep = now + min(heartbeat_every * 1.5, SWEEP_EVERY)
                 failures = 0
             except JournalUnavailable as exc:
                 failures += 1

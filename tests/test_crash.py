@@ -56,6 +56,23 @@ def test_a_killed_process_loses_nothing_and_restart_recovers_at_once(client, wor
         assert client.get(job_id)["attempts"] == 2
 
 
+def test_a_live_neighbour_takes_over_a_dead_process_jobs_without_a_restart(client, workers):
+    """Two processes on one host, long leases: when one dies, the other's periodic sweep sees
+    the dead pid and requeues its jobs long before the 60 s lease would run out."""
+    doomed = workers.spawn(workers=2, lease=60)
+    ids = [client.submit("proc.wait", {"seconds": 3}) for _ in range(2)]
+    wait_for(lambda: set(states(client, ids).values()) == {"running"}, timeout=20,
+             message="both jobs running in the first process")
+    survivor = workers.spawn(workers=2, lease=60)  # idle: nothing was queued when it started
+    workers.kill(doomed)
+    killed = time.monotonic()
+    wait_for(lambda: set(states(client, ids).values()) == {"succeeded"}, timeout=20,
+             message="the survivor to finish the dead process's jobs")
+    assert time.monotonic() - killed < 20  # a sweep (every 5 s at most), not the 60 s lease
+    assert {client.get(job_id)["attempts"] for job_id in ids} == {2}
+    assert survivor.poll() is None
+
+
 def test_a_killed_job_resumes_after_its_last_finished_step(client, workers):
     first = workers.spawn(workers=1, lease=60)
     job_id = client.submit("proc.steps", {"n": 6, "pause_before": 4})
