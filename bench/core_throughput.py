@@ -224,7 +224,7 @@ def trial_celery(args, name):
     finally:
         stop(worker, grace=15)
         _redis_cleanup(args.redis_url, [f"celery-task-meta-{i}" for i in ids],
-                       [queue, f"_kombu.binding.{queue}"])
+                       [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"])
         try:
             app.close()
         except Exception:
@@ -273,11 +273,12 @@ def trial_rq(args, name):
     finally:
         stop(worker, grace=15)
         keys = [f"rq:job:{i}" for i in ids] + [f"rq:results:{i}" for i in ids]
-        _redis_cleanup(args.redis_url, keys, [], pattern=f"*{queue_name}*")
+        _redis_cleanup(args.redis_url, keys, [], pattern=f"*{queue_name}*",
+                       set_members={"rq:queues": f"rq:queue:{queue_name}"})
         os.unlink(log)
 
 
-def _redis_cleanup(url, keys, more, pattern=None):
+def _redis_cleanup(url, keys, more, pattern=None, set_members=None):
     """Delete the keys this trial made (never a whole database: others may use Redis)."""
     try:
         from redis import Redis
@@ -286,6 +287,11 @@ def _redis_cleanup(url, keys, more, pattern=None):
         allkeys = list(keys) + list(more) + found
         for i in range(0, len(allkeys), 1000):
             r.delete(*allkeys[i:i + 1000])
+        for key, member in (set_members or {}).items():
+            r.srem(key, member)
+        for worker in r.smembers("rq:workers"):  # registrations of workers that are gone
+            if not r.exists(worker):
+                r.srem("rq:workers", worker)
     except Exception as exc:
         print(f"redis cleanup failed: {exc}", file=sys.stderr)
 

@@ -160,7 +160,7 @@ def _cleanup_celery(url, queue):
     try:
         from redis import Redis
         r = Redis.from_url(url, socket_timeout=30)
-        keys = [queue, f"_kombu.binding.{queue}"] + list(r.scan_iter(match="celery-task-meta-*", count=1000))
+        keys = [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"] + list(r.scan_iter(match="celery-task-meta-*", count=1000))
         for i in range(0, len(keys), 1000):
             r.delete(*keys[i:i + 1000])
     except Exception as exc:
