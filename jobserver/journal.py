@@ -138,10 +138,12 @@ class _Sql:
         self.claim_select = q(
             f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
             f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
+        # `+state`: the ids pick the rows (the primary key); without the unary plus SQLite
+        # plans this by the state index and scans every queued job (MySQL ignores the plus)
         claim_head = (
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_token = lease_token + 1, "
             f"lease_expires = {now} + ?, attempts = attempts + 1, "
-            f"started_at = COALESCE(started_at, {now}) WHERE state = 'queued' AND id IN ")
+            f"started_at = COALESCE(started_at, {now}) WHERE +state = 'queued' AND id IN ")
         self.claim_updates = {}
 
         def claim_update(n):
