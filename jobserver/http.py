@@ -30,7 +30,7 @@ from .auth import Authenticator, Unauthorized
 from .errors import (IdempotencyConflict, InvalidCallback, InvalidJob, InvalidTransition,
                      JobNotFound, JobserverError, JournalUnavailable, QueueFull, ServerClosed,
                      UnknownTask)
-from .ids import new_id
+from .ids import new_request_id
 from .strictjson import StrictJsonError, parse_strict
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _api():
 def _begin_request():
     if "request_id" not in g:
         given = request.headers.get("X-Request-Id", "")
-        g.request_id = given if _REQUEST_ID.match(given) else new_id()
+        g.request_id = given if _REQUEST_ID.match(given) else new_request_id()
 
 
 def _end_request(response):

@@ -1,40 +1,50 @@
-"""Time-sortable job ids (UUIDv7, RFC 9562) and timestamp formatting."""
+"""Time-sortable job ids (UUIDv7, RFC 9562), request ids, and timestamp formatting."""
+import itertools
 import os
 import random
 import threading
 import time
 
-_lock = threading.Lock()
 _random = random.Random(os.urandom(32))  # seeded by the OS; far cheaper per id than os.urandom
-_last_ms = 0
-_seq = 0
-# a forked child (gunicorn, multiprocessing) must not repeat its parent's random stream
-os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
+_local = threading.local()  # per thread: (last millisecond, counter)
+_request_prefix = os.urandom(4).hex()
+_request_numbers = itertools.count(1)
+
+
+def _after_fork():
+    """A forked child (gunicorn, multiprocessing) must not repeat its parent's ids."""
+    global _request_prefix
+    _random.seed(os.urandom(32))
+    _request_prefix = os.urandom(4).hex()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_id():
-    """A UUIDv7 string: 48-bit millisecond time, then a 12-bit counter and random bits.
+    """A UUIDv7 string: 48-bit millisecond time, a 12-bit counter, 62 random bits.
 
-    Ids from one process are strictly increasing, so ordering by id is ordering by
-    submission, which cursor pagination relies on.
-    """
-    global _last_ms, _seq
-    with _lock:
-        now = time.time_ns() // 1_000_000
-        if now <= _last_ms:
-            _seq += 1
-            if _seq > 0xFFF:  # counter exhausted in this millisecond: borrow the next one
-                _last_ms += 1
-                _seq = 0
-            now = _last_ms
-        else:
-            _seq = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
-        _last_ms = now
-        seq = _seq
-    rand = _random.getrandbits(62)
-    value = (now << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    Ids made by one thread are strictly increasing (a batch lists in submission order);
+    across threads they order by millisecond. No lock: a lock here, taken on every submit
+    by every request thread, made waitress threads queue behind each other."""
+    now = time.time_ns() // 1_000_000
+    last, seq = getattr(_local, "state", (0, 0))
+    if now <= last:
+        seq += 1
+        if seq > 0xFFF:  # counter exhausted in this millisecond: borrow the next one
+            last, seq = last + 1, 0
+        now = last
+    else:
+        seq = _random.getrandbits(10)  # start low, leaving room to count up
+    _local.state = (now, seq)
+    value = (now << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | _random.getrandbits(62)
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def new_request_id():
+    """A short id for one HTTP request's log lines: a per-process prefix and a count."""
+    return f"{_request_prefix}-{next(_request_numbers)}"
 
 
 def format_ms(ms):
