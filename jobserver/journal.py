@@ -134,6 +134,11 @@ class _Sql:
         self.insert_job = q(f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})")
         self.find_idempotent = q(f"SELECT {_COLS} FROM jobs WHERE owner = ? AND idempotency_key = ?")
         self.get_job = q(f"SELECT {_COLS} FROM jobs WHERE id = ?")
+        job_cols = ", ".join(f"j.{c}" for c in JOB_COLUMNS)
+        self.get_job_and_steps = q(
+            f"SELECT {job_cols}, s.name AS step_name, s.state AS step_state, "
+            "s.started_at AS step_started_at, s.finished_at AS step_finished_at "
+            "FROM jobs j LEFT JOIN steps s ON s.job_id = j.id WHERE j.id = ? ORDER BY s.seq")
         self.count_queued = q("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
         self.claim_select = q(
             f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
@@ -369,6 +374,11 @@ class Journal:
         """Raise JournalUnavailable unless the database answers."""
         return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
 
+    def _now(self, cur):
+        """The database's clock in ms: run_at and leases are compared with it."""
+        cur.execute(self.sql.now)
+        return cur.fetchone()[0]
+
     def schema_version(self):
         """The schema version recorded in the database (SCHEMA_VERSION once opened)."""
         return self._read(lambda cur: (cur.execute(self.sql.get_version), cur.fetchone()[0])[1])
@@ -383,8 +393,7 @@ class Journal:
         hash IdempotencyConflict (and nothing of the batch is written).
         """
         def op(cur):
-            cur.execute(self.sql.now)
-            now = cur.fetchone()[0]
+            now = self._now(cur)
             out, fresh, keys = [], [], {}
             for job in jobs:
                 existing = self._find_idempotent(cur, job)
@@ -434,6 +443,16 @@ class Journal:
     def get_job(self, job_id):
         """The raw job row, or None."""
         return self._read(lambda cur: (cur.execute(self.sql.get_job, (job_id,)), _one(cur))[1])
+
+    def get_job_and_steps(self, job_id):
+        """(job row, its steps in order) in one query — the poll path — or (None, [])."""
+        rows = self._read(lambda cur: (cur.execute(self.sql.get_job_and_steps, (job_id,)), _rows(cur))[1])
+        if not rows:
+            return None, []
+        job = {c: rows[0][c] for c in JOB_COLUMNS}
+        steps = [{"name": r["step_name"], "state": r["step_state"], "started_at": r["step_started_at"],
+                  "finished_at": r["step_finished_at"]} for r in rows if r["step_name"] is not None]
+        return job, steps
 
     def get_steps(self, job_id):
         return self._read(lambda cur: (cur.execute(self.sql.get_steps, (job_id,)), _rows(cur))[1])

@@ -226,8 +226,10 @@ class JobServer:
     # --- reads and actions ------------------------------------------------------------
     def get(self, job_id, owner=None):
         """The job as API.md shows it; JobNotFound if absent or not `owner`'s (None: any owner)."""
-        row = self._visible_row(job_id, owner)
-        steps = self.journal.get_steps(job_id)
+        row, steps = (self.journal.get_job_and_steps(job_id)
+                      if isinstance(job_id, str) and len(job_id) <= 64 else (None, []))
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise JobNotFound(job_id)
         callback = self.journal.latest_callback(job_id) if row["callback_url"] else None
         return self.to_public(row, steps, callback)
 

@@ -345,6 +345,10 @@ def test_steps_are_recorded_and_replayed_on_the_next_attempt(journal):
     with pytest.raises(KeyError):
         ctx.step("parse", lambda: calls.append("parse") or {}["missing"])
     [fetch, parse] = journal.get_steps(job_id)
+    row, summary = journal.get_job_and_steps(job_id)
+    assert row["id"] == job_id and [(s["name"], s["state"]) for s in summary] == [
+        ("fetch", "succeeded"), ("parse", "failed")]
+    assert journal.get_job_and_steps("no-such-job") == (None, [])
     assert (fetch["name"], fetch["seq"], fetch["state"]) == ("fetch", 1, "succeeded")
     assert (parse["name"], parse["seq"], parse["state"]) == ("parse", 2, "failed")
     assert fetch["finished_at"] >= fetch["started_at"]
@@ -500,6 +504,7 @@ def _exercise(j):
     j.end_step(jb["id"], jb["lease_token"], "s", "succeeded", result=1)
     j.get_step(jb["id"], "s")
     j.get_steps(jb["id"])
+    j.get_job_and_steps(jb["id"])
     j.requeue(jb["id"], jb["lease_token"], 0, {"type": "E", "message": ""})
     j.finish(ja["id"], ja["lease_token"], State.SUCCEEDED, result=2, callback_id=new_id())
     wait_lease_expired(j, jc["id"])
