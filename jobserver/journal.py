@@ -264,6 +264,17 @@ class _Sql:
                 for key, where in self._list_filters()}
 
 
+class _Tx:
+    """What the operations of one write transaction share: the clock, read once, and the
+    job rows they submitted (with their idempotency keys), inserted together at the end."""
+    __slots__ = ("now", "rows", "keys")
+
+    def __init__(self):
+        self.now = None
+        self.rows = []
+        self.keys = {}
+
+
 def _rows(cur):
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, row)) for row in cur.fetchall()]
@@ -300,6 +311,7 @@ class Journal:
         self.url = driver.url
         self._migrate()
         self._writer = GroupCommitter(self._run_batch)
+        self._tx = None  # the _Tx of the transaction the committer thread is running
         self._progress = {}  # (job id, lease token) -> newest progress note not yet written
         self._progress_lock = threading.Lock()
         self._closed = False
@@ -350,14 +362,24 @@ class Journal:
                 return
         raise JournalUnavailable("the journal stayed busy; try again later")
 
-    @staticmethod
-    def _apply(batch, cur):
-        for op in batch:
-            op.error = None
-            try:
-                op.result = op.fn(cur)
-            except (IdempotencyConflict, InvalidTransition, LeaseLost) as exc:
-                op.error = exc
+    def _apply(self, batch, cur):
+        """Run a batch's operations, then the job inserts they queued, as one statement."""
+        tx = self._tx = _Tx()
+        try:
+            for op in batch:
+                op.error = None
+                try:
+                    op.result = op.fn(cur)
+                except (IdempotencyConflict, InvalidTransition, LeaseLost) as exc:
+                    op.error = exc
+            if tx.rows:
+                try:
+                    cur.executemany(self.sql.insert_job, tx.rows)
+                except self.driver.integrity_errors as exc:
+                    # another process took one of our idempotency keys just now: run again
+                    raise drivers.TransientError() from exc
+        finally:
+            self._tx = None
 
     def _migrate(self):
         def migrate(cur):
@@ -393,43 +415,41 @@ class Journal:
         hash IdempotencyConflict (and nothing of the batch is written).
         """
         def op(cur):
-            now = self._now(cur)
+            tx = self._tx
+            if tx.now is None:
+                tx.now = self._now(cur)
             out, fresh, keys = [], [], {}
             for job in jobs:
-                existing = self._find_idempotent(cur, job)
                 key = (job["owner"], job.get("idempotency_key"))
-                if existing is None and key in keys:
-                    # the same key earlier in this batch: the unique index would refuse the
-                    # second row on every retry, so answer as for a key used before
-                    existing = keys[key]
-                    if existing["request_hash"] != job["request_hash"]:
-                        raise IdempotencyConflict(job["idempotency_key"], existing["id"])
+                existing = self._find_idempotent(cur, job, keys.get(key) or tx.keys.get(key))
                 if existing is not None:
                     out.append((existing, False))
                     continue
-                row = dict(job, created_at=now, run_at=now + job.get("delay_ms", 0), state="queued",
-                           attempts=0, lease_owner=None, lease_token=0, lease_expires=None, crashes=0,
-                           progress=None, result=None, error=None, cancel_requested=0,
-                           started_at=None, finished_at=None)
+                row = dict(job, created_at=tx.now, run_at=tx.now + job.get("delay_ms", 0),
+                           state="queued", attempts=0, lease_owner=None, lease_token=0,
+                           lease_expires=None, crashes=0, progress=None, result=None, error=None,
+                           cancel_requested=0, started_at=None, finished_at=None)
                 row.pop("delay_ms", None)
                 if key[1] is not None:
                     keys[key] = row
                 out.append((row, True))
                 fresh.append(tuple(row[c] for c in JOB_COLUMNS))
-            if fresh:
-                try:
-                    cur.executemany(self.sql.insert_job, fresh)
-                except self.driver.integrity_errors as exc:
-                    # another process took one of our idempotency keys just now: run again
-                    raise drivers.TransientError() from exc
+            # nothing is written until every job of this submit passed: the batch's inserts
+            # go in as one statement at the end of the transaction
+            tx.rows.extend(fresh)
+            tx.keys.update(keys)
             return out
         return self._write(op)
 
-    def _find_idempotent(self, cur, job):
+    def _find_idempotent(self, cur, job, pending=None):
+        """The job already holding this submit's idempotency key (`pending`: one queued for
+        insert in this transaction), or None; IdempotencyConflict if it was another request."""
         if job.get("idempotency_key") is None:
             return None
-        cur.execute(self.sql.find_idempotent, (job["owner"], job["idempotency_key"]))
-        existing = _one(cur)
+        existing = pending
+        if existing is None:
+            cur.execute(self.sql.find_idempotent, (job["owner"], job["idempotency_key"]))
+            existing = _one(cur)
         if existing is None:
             return None
         if existing["request_hash"] != job["request_hash"]:
