@@ -375,3 +375,39 @@ def test_a_node_id_the_journal_cannot_hold_is_refused_at_once(db_url):
         JobServer(db_url, tasks=registry, node_id="n" * 121)
     server = JobServer(db_url, tasks=registry, node_id="n" * 120, **FAST).start()
     server.stop()
+
+
+def test_an_outcome_is_kept_and_written_once_the_journal_is_back(mysql_url):
+    """The network to MariaDB is cut (a real TCP relay) while a job runs: its result waits
+    in the pool, retried with backoff, and lands when the journal is reachable again."""
+    from urllib.parse import urlparse, urlunparse
+
+    from http_fixtures import TcpProxy
+
+    registry, release = Registry(), threading.Event()
+
+    @registry.task("t.gate")
+    def gate(ctx):
+        release.wait(30)
+        return "done"
+
+    url = urlparse(mysql_url)
+    proxy = TcpProxy((url.hostname, url.port or 3306))
+    auth = url.username + (f":{url.password}" if url.password else "")
+    server = JobServer(urlunparse(url._replace(netloc=f"{auth}@127.0.0.1:{proxy.port}")),
+                       tasks=registry, workers=1, lease_seconds=60, poll_interval=0.05)
+    try:
+        server.start()
+        job_id = server.submit("t.gate")
+        wait_for(lambda: server.get(job_id)["state"] == "running", message="the job to start")
+        proxy.cut()
+        release.set()
+        assert not server.pool.join(timeout=1.5)  # finished, but its outcome is not committed
+        proxy.resume()
+        assert server.pool.join(timeout=30)
+        job = server.get(job_id)
+        assert (job["state"], job["result"], job["attempts"]) == ("succeeded", "done", 1)
+    finally:
+        release.set()
+        server.stop(grace=1)
+        proxy.close()
