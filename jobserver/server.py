@@ -343,18 +343,18 @@ def _opt_str(spec, name, max_len):
 
 
 def _opt_int(spec, name, low, high, default):
-    value = spec.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidJob(f"'{name}' must be an integer from {low} to {high}")
-    return value
+    return _opt_number(spec, name, low, high, default, int, "an integer")
 
 
 def _opt_num(spec, name, low, high, default):
+    value = _opt_number(spec, name, low, high, default, (int, float), "a number")
+    return None if value is None else float(value)
+
+
+def _opt_number(spec, name, low, high, default, types, kind):
     value = spec.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidJob(f"'{name}' must be a number from {low} to {high}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, types) or not low <= value <= high:
+        raise InvalidJob(f"'{name}' must be {kind} from {low} to {high}")
+    return value

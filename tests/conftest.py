@@ -8,6 +8,9 @@ from urllib.parse import urlparse, urlunparse
 import pymysql
 import pytest
 
+import proc_worker
+from jobserver import JobServer
+
 MYSQL_URL = os.environ.get("JOBSERVER_TEST_MYSQL")
 BACKENDS = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
 
@@ -65,3 +68,19 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def workers(db_url, tmp_path):
+    """Worker processes (tests/proc_worker.py) on the test's journal; all reaped after."""
+    pool = proc_worker.Workers(db_url, tmp_path)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def client(db_url):
+    """A JobServer that only submits and reads; the worker processes run the jobs."""
+    server = JobServer(db_url, tasks=proc_worker.registry)
+    yield server
+    server.stop()

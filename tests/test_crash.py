@@ -3,29 +3,10 @@ and a job that kills its own process cannot crash-loop."""
 import collections
 import time
 
-import pytest
-
 import proc_worker
 from conftest import wait_for
-from jobserver import JobServer
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-@pytest.fixture
-def workers(db_url, tmp_path):
-    """Start worker processes on the test's journal with `workers.spawn(...)`; all reaped after."""
-    pool = proc_worker.Workers(db_url, tmp_path)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
-def client(db_url):
-    """A JobServer that is never started: it submits and reads, the worker processes run."""
-    server = JobServer(db_url, tasks=proc_worker.registry)
-    yield server
-    server.stop()
 
 
 def states(client, ids):

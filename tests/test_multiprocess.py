@@ -3,29 +3,10 @@ job runs exactly once, and no job ever has two overlapping runs."""
 import collections
 import signal
 
-import pytest
-
 import proc_worker
 from conftest import wait_for
-from jobserver import JobServer
 
 JOBS = 200
-
-
-@pytest.fixture
-def workers(db_url, tmp_path):
-    """Worker processes on the test's journal; all reaped after the test."""
-    pool = proc_worker.Workers(db_url, tmp_path)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
-def client(db_url):
-    """A JobServer that only submits and reads; the worker processes run the jobs."""
-    server = JobServer(db_url, tasks=proc_worker.registry)
-    yield server
-    server.stop()
 
 
 def overlapping(runs):
