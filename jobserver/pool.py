@@ -91,6 +91,12 @@ class _Run:
     deadline: float | None
     abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
 
+    @property
+    def key(self):
+        """One run of one job: a job retried while an abandoned run's thread still lives
+        has two runs here, told apart by their lease tokens."""
+        return self.job["id"], self.ctx._token
+
 
 class Pool:
     """Runs jobs from a journal. Build it, `start()`, and `stop()` to shut down in order."""
@@ -112,9 +118,9 @@ class Pool:
             raise ValueError(f"node_id is at most {MAX_NODE_ID} characters")
         self._listener = listener
         self._scope = _node_scope()
-        self._running = {}     # job id -> _Run whose task function is executing
-        self._finishing = {}   # job id -> _Run whose outcome is queued but not yet committed
-        self._retries = []     # outcome writes to try again: (due, run, write, event, next delay)
+        self._running = {}     # (job id, lease token) -> _Run whose task function is executing
+        self._finishing = {}   # one key per queued outcome write -> its _Run, until committed
+        self._retries = []     # outcome writes to try again: (due, run, write, event, next delay, ticket)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Event()
@@ -192,13 +198,13 @@ class Pool:
 
     def running_ids(self):
         with self._lock:
-            return list(self._running)
+            return [job_id for job_id, _token in self._running]
 
     def cancel_local(self, job_id):
         """Tell a job running in this process to stop now (the journal flag reaches others)."""
         with self._lock:
-            run = self._running.get(job_id)
-        if run is not None:
+            runs = [run for key, run in self._running.items() if key[0] == job_id]
+        for run in runs:
             run.ctx.request_cancel()
 
     # --- dispatcher -------------------------------------------------------------------
@@ -225,6 +231,11 @@ class Pool:
             except JournalUnavailable as exc:
                 failures += 1
                 log.warning("journal unavailable in dispatcher (%s); retrying", exc)
+                self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
+                continue
+            except Exception:  # a bug must not end claims and heartbeats for good
+                failures += 1
+                log.exception("dispatcher step failed; retrying")
                 self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
                 continue
             if not full_batch:
@@ -256,7 +267,7 @@ class Pool:
         ctx = JobContext(job, self.journal, on_progress=self._progress_event)
         run = _Run(job, ctx, time.monotonic() + timeout if timeout else None)
         with self._lock:
-            self._running[job["id"]] = run
+            self._running[run.key] = run
         self._notify("state", job["id"], {"state": "running", "attempt": job["attempts"]})
         self._executor.submit(self._work, run)
 
@@ -276,17 +287,17 @@ class Pool:
     def _heartbeat(self):
         with self._lock:
             runs = list(self._running.values()) + list(self._finishing.values())
-        leases = {(r.job["id"], r.ctx._token) for r in runs if not r.abandoned}
+        leases = {r.key for r in runs if not r.abandoned}
         if not leases:
             return
         lost, cancel = self.journal.renew(sorted(leases), self.lease_ms, self.node_id)
         with self._lock:
             # a lease 'lost' because our own outcome has just been committed is not news
-            flagged = {job_id: self._running.get(job_id) for job_id in lost | cancel
-                       if job_id not in self._finishing}
-        for job_id, run in flagged.items():
-            if run is None or run.abandoned:
-                continue
+            finishing = {run.key for run in self._finishing.values()}
+            flagged = [run for key, run in self._running.items()
+                       if key[0] in lost | cancel and key not in finishing and not run.abandoned]
+        for run in flagged:
+            job_id = run.job["id"]
             if job_id in lost:
                 log.warning("job %s: lease lost; stopping this run", job_id)
                 run.abandoned = True
@@ -321,7 +332,7 @@ class Pool:
             log.exception("job %s: recording its outcome failed", job_id)
         finally:
             with self._idle:
-                self._running.pop(job_id, None)
+                self._running.pop(run.key, None)
                 self._idle.notify_all()
             self._wake.set()
 
@@ -370,39 +381,40 @@ class Pool:
             on_done=on_done), ("state", job_id, {"state": state.value}))
 
     # --- recording outcomes -----------------------------------------------------------
-    def _record(self, run, write, event, delay=0.05):
+    def _record(self, run, write, event, delay=0.05, ticket=None):
         """Queue an outcome write without holding the worker thread.
 
         `write(on_done)` queues it in the journal's next group commit; once committed,
         `event` is sent. While the journal is unreachable the dispatcher tries again with
         backoff, so finished work is not dropped; at shutdown it is left to recovery."""
-        job_id = run.job["id"]
+        job_id, ticket = run.job["id"], ticket or object()
         with self._lock:
-            self._finishing[job_id] = run
+            self._finishing[ticket] = run  # kept through retries: its lease is still renewed
 
         def on_done(_result, error):
             if error is None:
-                return self._settle(job_id, event)
+                return self._settle(ticket, event)
             if isinstance(error, JournalUnavailable) and not self._abandon.is_set():
                 log.warning("job %s: journal unavailable (%s); retrying in %.1f s", job_id, error, delay)
                 with self._lock:
-                    self._retries.append((time.monotonic() + delay, run, write, event, min(delay * 2, 5.0)))
+                    self._retries.append((time.monotonic() + delay, run, write, event,
+                                          min(delay * 2, 5.0), ticket))
                 self._wake.set()
                 return None
             if isinstance(error, LeaseLost):
                 log.warning("job %s: outcome not recorded, the run no longer holds the job", job_id)
             else:
                 log.error("job %s: outcome not recorded (%s); the job will be recovered", job_id, error)
-            return self._settle(job_id, None)
+            return self._settle(ticket, None)
         try:
             write(on_done)
         except ServerClosed:
             log.error("job %s: outcome not recorded, the journal is closed; it will be recovered", job_id)
-            self._settle(job_id, None)
+            self._settle(ticket, None)
 
-    def _settle(self, job_id, event):
+    def _settle(self, ticket, event):
         with self._idle:
-            self._finishing.pop(job_id, None)
+            self._finishing.pop(ticket, None)
             self._idle.notify_all()
         if event is not None:
             self._notify(*event)
@@ -412,8 +424,8 @@ class Pool:
         with self._lock:
             due = [r for r in self._retries if r[0] <= now]
             self._retries = [r for r in self._retries if r[0] > now]
-        for _due, run, write, event, delay in due:
-            self._record(run, write, event, delay)
+        for _due, run, write, event, delay, ticket in due:
+            self._record(run, write, event, delay, ticket)
 
     @staticmethod
     def _callback_id():

@@ -411,3 +411,29 @@ def test_an_outcome_is_kept_and_written_once_the_journal_is_back(mysql_url):
         release.set()
         server.stop(grace=1)
         proxy.close()
+
+
+def test_a_retry_beside_an_abandoned_run_keeps_the_two_runs_apart(db_url, servers):
+    """A run past its time limit keeps its thread; the job is retried and runs again beside it.
+    When the old thread ends it must not take the new run's place: the new run keeps its
+    heartbeat (it outlives the 1 s lease) and ends once, without a crash recovery."""
+    registry, calls, release = Registry(), [], threading.Event()
+
+    @registry.task("t.zombie", timeout=2)
+    def zombie(ctx):
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            release.wait(10)  # ignores the cancel: outlives its time limit
+            return "late"
+        time.sleep(1.6)  # past the 1 s lease, within the 2 s limit: heartbeats keep the job
+        return "ok"
+
+    server = servers(db_url, registry, workers=2)
+    job_id = server.submit("t.zombie")
+    assert finished(server, job_id)["error"]["type"] == "TimeoutError"
+    server.retry(job_id)
+    wait_for(lambda: len(calls) == 2, message="the second run to start")
+    release.set()  # the first run's thread ends while the second one runs
+    job = finished(server, job_id)
+    assert (job["state"], job["result"], job["attempts"]) == ("succeeded", "ok", 1)
+    assert len(calls) == 2
