@@ -43,6 +43,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._queue = queue.SimpleQueue()
         self._closed = False
+        self._gate = threading.Lock()  # no op can be queued behind the stop marker
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -66,17 +67,19 @@ class GroupCommitter:
 
     def close(self, timeout=10.0):
         """Commit what is queued, then stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
+        with self._gate:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
         self._thread.join(timeout)
 
     def _enqueue(self, fn, wait, on_done=None):
-        if self._closed:
-            raise ServerClosed("the journal is closed")
         op = _Op(fn, wait, on_done)
-        self._queue.put(op)
+        with self._gate:
+            if self._closed:
+                raise ServerClosed("the journal is closed")
+            self._queue.put(op)
         return op
 
     def _loop(self):
@@ -96,6 +99,21 @@ class GroupCommitter:
                     break
                 batch.append(op)
             self._execute(batch)
+        self._refuse_leftovers()
+
+    def _refuse_leftovers(self):
+        """Fail anything still queued once the loop ends (it ends only at the stop marker,
+        which the gate keeps last; this is the belt to those braces): never leave a caller
+        waiting for a commit that will not come."""
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if op is _STOP:
+                continue
+            op.error = ServerClosed("the journal is closed")
+            self._finish_op(op)
 
     def _execute(self, batch):
         try:
@@ -108,12 +126,16 @@ class GroupCommitter:
             for op in batch:
                 op.error = exc
         for op in batch:
-            if op.done is not None:
-                op.done.set()
-            elif op.on_done is not None:
-                try:
-                    op.on_done(op.result, op.error)
-                except Exception:  # a caller's bug must not kill the committer
-                    log.exception("journal write callback failed")
-            elif op.error is not None:
-                log.warning("queued journal write failed: %s", op.error)
+            self._finish_op(op)
+
+    @staticmethod
+    def _finish_op(op):
+        if op.done is not None:
+            op.done.set()
+        elif op.on_done is not None:
+            try:
+                op.on_done(op.result, op.error)
+            except Exception:  # a caller's bug must not kill the committer
+                log.exception("journal write callback failed")
+        elif op.error is not None:
+            log.warning("queued journal write failed: %s", op.error)

@@ -187,7 +187,7 @@ class _Sql:
             f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' AND lease_owner = ?{lock}")
         self.running_owners = q("SELECT DISTINCT lease_owner FROM jobs WHERE state = 'running'")
         self.touch = q(f"UPDATE jobs SET lease_expires = lease_expires {fence}")
-        self.state_of = q(f"SELECT state FROM jobs WHERE id = ?{lock}")
+        self.state_of = q("SELECT state FROM jobs WHERE id = ?")
         self.cancel_queued = q(
             f"UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = {now} "
             "WHERE id = ? AND state = 'queued'")
@@ -644,19 +644,18 @@ class Journal:
 
         Raises InvalidTransition for a finished job, or with state None when there is no such job."""
         def op(cur):
-            cur.execute(self.sql.state_of, (job_id,))
-            row = cur.fetchone()
-            if row is None:
-                raise InvalidTransition(job_id, None, "cancel")
-            state = row[0]
-            if state == "queued":
-                cur.execute(self.sql.cancel_queued, (job_id,))
+            # guarded UPDATEs, not a SKIP LOCKED read: a running job's row is often locked
+            # for a moment by its own node's heartbeat or progress note, and must not look absent
+            cur.execute(self.sql.cancel_queued, (job_id,))
+            if cur.rowcount:
                 cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
                 return State.CANCELLED
-            if state == "running":
-                cur.execute(self.sql.cancel_running, (job_id,))
+            cur.execute(self.sql.cancel_running, (job_id,))
+            if cur.rowcount:
                 return State.RUNNING
-            raise InvalidTransition(job_id, state, "cancel")
+            cur.execute(self.sql.state_of, (job_id,))
+            row = cur.fetchone()
+            raise InvalidTransition(job_id, row[0] if row else None, "cancel")
         return self._write(op)
 
     def retry(self, job_id):

@@ -519,6 +519,8 @@ def _exercise(j):
     j.cancel(d_id, new_id)
     held = j.claim("m", 1, 60_000)[0]
     j.cancel(held["id"], new_id)
+    with pytest.raises(InvalidTransition):
+        j.cancel(d_id, new_id)  # cancelled already: the state is read to say so
     assert j.callbacks_due()
     for cb in j.claim_callbacks(10, 60_000):
         j.record_callback(cb["id"], cb["claim_token"], "failed", last_error="boom")
