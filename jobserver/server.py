@@ -26,6 +26,7 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 MAX_KEY = 190
 MAX_TASK = 200
+MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
 _OPTIONS = {"params", "priority", "delay", "max_retries", "timeout", "idempotency_key", "callback_url"}
 
 
@@ -247,8 +248,15 @@ class JobServer:
                                              limit=limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
-        jobs = [self.to_public(row, steps.get(row["id"], []), None) for row in rows]
-        return jobs, (rows[-1]["id"] if more else None)
+        kept, size = [], 0
+        for row in rows:  # bound the page's bytes too: one result may hold megabytes
+            size += sum(len(row[col] or "") for col in ("params", "result", "error", "progress"))
+            if kept and size > MAX_PAGE_BYTES:
+                more = True
+                break
+            kept.append(row)
+        jobs = [self.to_public(row, steps.get(row["id"], []), None) for row in kept]
+        return jobs, (kept[-1]["id"] if more and kept else None)
 
     def wait(self, job_id, timeout, owner=None):
         """The job once it is terminal, or as it is after `timeout` seconds."""

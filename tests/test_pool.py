@@ -437,3 +437,26 @@ def test_a_retry_beside_an_abandoned_run_keeps_the_two_runs_apart(db_url, server
     job = finished(server, job_id)
     assert (job["state"], job["result"], job["attempts"]) == ("succeeded", "ok", 1)
     assert len(calls) == 2
+
+
+def test_a_list_page_stops_early_when_its_results_are_large(db_url, servers):
+    """500 jobs of 1 MB results would make a 500 MB page: the page ends at ~8 MiB with a cursor,
+    and following the cursors still lists every job once."""
+    registry = Registry()
+
+    @registry.task("t.big")
+    def big(ctx):
+        return "x" * 1_000_000
+
+    server = servers(db_url, registry, workers=4)
+    ids = [server.submit("t.big") for _ in range(12)]
+    for job_id in ids:
+        finished(server, job_id)
+    first, cursor = server.list(limit=500)
+    assert 1 <= len(first) < 12 and cursor == first[-1]["id"]
+    seen, pages = [j["id"] for j in first], 1
+    while cursor:
+        page, cursor = server.list(limit=500, cursor=cursor)
+        seen += [j["id"] for j in page]
+        pages += 1
+    assert seen == sorted(ids, reverse=True) and pages >= 2
