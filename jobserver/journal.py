@@ -1,9 +1,8 @@
 """The journal: every job, step, callback delivery and token as committed rows.
 
-One `Journal` class holds all SQL; two small dialects (SQLite, MySQL/MariaDB) supply
-the few pieces of text that differ. Statements are written once with `?` markers and
-translated once at import for PyMySQL. Only constants from a dialect are ever
-formatted into SQL; every value is a bound parameter.
+One `Journal` class runs all SQL; its text lives beside it in journal_sql.py, and two
+small dialects (SQLite, MySQL/MariaDB, in journal_drivers.py) supply the few pieces
+that differ. Every value is a bound parameter.
 
 Writes go through a `GroupCommitter`, so concurrent submits, claims and finishes
 share one transaction and one fsync. Every write of a running job is fenced by its
@@ -21,10 +20,11 @@ from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
                      LeaseLost, ServerClosed)
 from .groupcommit import GroupCommitter
+from .journal_sql import JOB_COLUMNS, MIGRATIONS, SCHEMA_VERSION, Sql
+
+__all__ = ["Journal", "open_journal", "State", "TERMINAL", "SCHEMA_VERSION", "decode_job"]
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
 
 
 class State(str, Enum):
@@ -37,231 +37,6 @@ class State(str, Enum):
 
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
-
-JOB_COLUMNS = ("id", "task", "owner", "state", "params", "priority", "attempts", "max_retries",
-               "timeout", "run_at", "lease_owner", "lease_token", "lease_expires", "crashes",
-               "progress", "result", "error", "cancel_requested", "callback_url",
-               "idempotency_key", "request_hash", "created_at", "started_at", "finished_at")
-_COLS = ", ".join(JOB_COLUMNS)
-
-# --- schema ---------------------------------------------------------------------------
-# {text} is a column for JSON documents, {opts} the table options; both come from the dialect.
-MIGRATIONS = {
-    1: [
-        """CREATE TABLE IF NOT EXISTS jobs (
-            id VARCHAR(36) NOT NULL PRIMARY KEY,
-            task VARCHAR(200) NOT NULL,
-            owner VARCHAR(190) NOT NULL,
-            state VARCHAR(16) NOT NULL CHECK (state IN
-                ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-            params {text} NOT NULL,
-            priority INTEGER NOT NULL DEFAULT 0,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            max_retries INTEGER NOT NULL DEFAULT 0,
-            timeout DOUBLE PRECISION NULL,
-            run_at BIGINT NOT NULL,
-            lease_owner VARCHAR(120) NULL,
-            lease_token BIGINT NOT NULL DEFAULT 0,
-            lease_expires BIGINT NULL,
-            crashes INTEGER NOT NULL DEFAULT 0,
-            progress {text} NULL,
-            result {text} NULL,
-            error {text} NULL,
-            cancel_requested INTEGER NOT NULL DEFAULT 0,
-            callback_url VARCHAR(2048) NULL,
-            idempotency_key VARCHAR(190) NULL,
-            request_hash CHAR(64) NULL,
-            created_at BIGINT NOT NULL,
-            started_at BIGINT NULL,
-            finished_at BIGINT NULL
-        ){opts}""",
-        "CREATE INDEX jobs_claim ON jobs (state, priority DESC, run_at, id)",
-        "CREATE INDEX jobs_owner ON jobs (owner, id)",
-        "CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key)",
-        """CREATE TABLE IF NOT EXISTS steps (
-            job_id VARCHAR(36) NOT NULL,
-            name VARCHAR(190) NOT NULL,
-            seq INTEGER NOT NULL,
-            state VARCHAR(16) NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
-            result {text} NULL,
-            error {text} NULL,
-            started_at BIGINT NOT NULL,
-            finished_at BIGINT NULL,
-            PRIMARY KEY (job_id, name)
-        ){opts}""",
-        """CREATE TABLE IF NOT EXISTS callbacks (
-            id VARCHAR(64) NOT NULL PRIMARY KEY,
-            job_id VARCHAR(36) NOT NULL,
-            url VARCHAR(2048) NOT NULL,
-            state VARCHAR(16) NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_at BIGINT NOT NULL,
-            claim_token BIGINT NOT NULL DEFAULT 0,
-            last_error VARCHAR(500) NULL,
-            delivered_at BIGINT NULL,
-            created_at BIGINT NOT NULL
-        ){opts}""",
-        "CREATE INDEX callbacks_due ON callbacks (state, next_at)",
-        "CREATE INDEX callbacks_job ON callbacks (job_id, created_at)",
-        """CREATE TABLE IF NOT EXISTS tokens (
-            name VARCHAR(190) NOT NULL PRIMARY KEY,
-            token_hash CHAR(64) NOT NULL UNIQUE,
-            admin INTEGER NOT NULL DEFAULT 0,
-            created_at BIGINT NOT NULL
-        ){opts}""",
-        """CREATE TABLE IF NOT EXISTS settings (
-            name VARCHAR(190) NOT NULL PRIMARY KEY,
-            value {text} NOT NULL
-        ){opts}""",
-        """CREATE TABLE IF NOT EXISTS projects (
-            id {autoid},
-            projname VARCHAR(190) NOT NULL,
-            prodesc {text} NULL,
-            job_id VARCHAR(36) NULL,
-            created_at BIGINT NOT NULL
-        ){opts}""",
-    ],
-}
-
-
-class _Sql:
-    """Every statement, written once with `?` markers; `now` is the database clock in ms."""
-
-    def __init__(self, dialect):
-        now, lock = dialect.now_ms, dialect.lock_rows
-        q = dialect.translate
-        self.now = q(f"SELECT {now}")
-        self.insert_job = q(f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})")
-        self.find_idempotent = q(f"SELECT {_COLS} FROM jobs WHERE owner = ? AND idempotency_key = ?")
-        self.get_job = q(f"SELECT {_COLS} FROM jobs WHERE id = ?")
-        job_cols = ", ".join(f"j.{c}" for c in JOB_COLUMNS)
-        self.get_job_and_steps = q(
-            f"SELECT {job_cols}, s.name AS step_name, s.state AS step_state, "
-            "s.started_at AS step_started_at, s.finished_at AS step_finished_at "
-            "FROM jobs j LEFT JOIN steps s ON s.job_id = j.id WHERE j.id = ? ORDER BY s.seq")
-        self.count_queued = q("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
-        self.claim_select = q(
-            f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
-            f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
-        # `+state`: the ids pick the rows (the primary key); without the unary plus SQLite
-        # plans this by the state index and scans every queued job (MySQL ignores the plus)
-        claim_head = (
-            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_token = lease_token + 1, "
-            f"lease_expires = {now} + ?, attempts = attempts + 1, "
-            f"started_at = COALESCE(started_at, {now}) WHERE +state = 'queued' AND id IN ")
-        self.claim_updates = {}
-
-        def claim_update(n):
-            """The claim UPDATE for `n` ids: one statement and one round trip per batch.
-            Only the count of `?` markers varies; the ids themselves are bound."""
-            statement = self.claim_updates.get(n)
-            if statement is None:
-                markers = ", ".join(["?"] * n)
-                statement = self.claim_updates[n] = q(f"{claim_head}({markers})")
-            return statement
-        self.claim_update = claim_update
-        fence = "WHERE id = ? AND state = 'running' AND lease_token = ?"
-        self.renew = q(f"UPDATE jobs SET lease_expires = {now} + ? {fence}")
-        self.cancel_flags = q(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1")
-        self.progress = q(f"UPDATE jobs SET progress = ? {fence}")
-        self.finish = q(
-            f"UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
-        self.requeue = q(
-            f"UPDATE jobs SET state = 'queued', error = ?, run_at = {now} + ?, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
-        self.give_back = q(
-            f"UPDATE jobs SET state = 'queued', attempts = attempts - 1, run_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
-        self.crash_requeue = q(
-            f"UPDATE jobs SET state = 'queued', crashes = crashes + 1, run_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
-        self.crash_fail = q(
-            f"UPDATE jobs SET state = 'failed', crashes = crashes + 1, error = ?, finished_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
-        self.expired = q(
-            f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' "
-            f"AND lease_expires < {now}{lock}")
-        self.held_by = q(
-            f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' AND lease_owner = ?{lock}")
-        self.running_owners = q("SELECT DISTINCT lease_owner FROM jobs WHERE state = 'running'")
-        self.touch = q(f"UPDATE jobs SET lease_expires = lease_expires {fence}")
-        self.state_of = q("SELECT state FROM jobs WHERE id = ?")
-        self.cancel_queued = q(
-            f"UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = {now} "
-            "WHERE id = ? AND state = 'queued'")
-        self.cancel_running = q("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'")
-        self.retry = q(
-            f"UPDATE jobs SET state = 'queued', attempts = 0, crashes = 0, result = NULL, error = NULL, "
-            f"progress = NULL, cancel_requested = 0, run_at = {now}, started_at = NULL, "
-            "finished_at = NULL WHERE id = ? AND state IN ('failed', 'cancelled')")
-        # steps
-        self.get_step = q("SELECT name, seq, state, result, error, started_at, finished_at "
-                          "FROM steps WHERE job_id = ? AND name = ?")
-        self.get_steps = q("SELECT name, seq, state, result, error, started_at, finished_at "
-                           "FROM steps WHERE job_id = ? ORDER BY seq")
-        self.start_step = q(
-            "REPLACE INTO steps (job_id, name, seq, state, result, error, started_at, finished_at) "
-            f"VALUES (?, ?, ?, 'running', NULL, NULL, {now}, NULL)")
-        self.end_step = q(
-            f"UPDATE steps SET state = ?, result = ?, error = ?, finished_at = {now} "
-            "WHERE job_id = ? AND name = ?")
-        # callbacks
-        self.add_callback = q(
-            "INSERT INTO callbacks (id, job_id, url, state, attempts, next_at, created_at) "
-            f"SELECT ?, id, callback_url, 'pending', 0, {now}, {now} FROM jobs "
-            "WHERE id = ? AND callback_url IS NOT NULL")
-        cb_cols = "id, job_id, url, state, attempts, next_at, claim_token, last_error, delivered_at, created_at"
-        self.latest_callback = q(
-            f"SELECT {cb_cols} FROM callbacks WHERE job_id = ? ORDER BY created_at DESC, id DESC LIMIT 1")
-        self.any_callback_due = q(
-            f"SELECT id FROM callbacks WHERE state = 'pending' AND next_at <= {now} LIMIT 1")
-        self.due_callbacks = q(
-            f"SELECT {cb_cols} FROM callbacks WHERE state = 'pending' AND next_at <= {now} "
-            f"ORDER BY next_at LIMIT ?{lock}")
-        self.claim_callback = q(
-            f"UPDATE callbacks SET claim_token = claim_token + 1, next_at = {now} + ? "
-            "WHERE id = ? AND state = 'pending'")
-        self.record_callback = q(
-            f"UPDATE callbacks SET state = ?, attempts = attempts + 1, last_error = ?, next_at = {now} + ?, "
-            f"delivered_at = CASE WHEN ? = 'delivered' THEN {now} ELSE NULL END "
-            "WHERE id = ? AND claim_token = ? AND state = 'pending'")
-        self.rearm_callback = q(
-            f"UPDATE callbacks SET state = 'pending', attempts = 0, next_at = {now}, last_error = NULL "
-            "WHERE id = ? AND state = 'failed'")
-        # tokens, settings, projects
-        self.add_token = q(f"INSERT INTO tokens (name, token_hash, admin, created_at) VALUES (?, ?, ?, {now})")
-        self.find_token = q("SELECT name, admin FROM tokens WHERE token_hash = ?")
-        self.count_tokens = q("SELECT COUNT(*) FROM tokens")
-        self.get_setting = q("SELECT value FROM settings WHERE name = ?")
-        self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
-        self.add_project = q(
-            f"INSERT INTO projects (projname, prodesc, job_id, created_at) VALUES (?, ?, ?, {now})")
-        self.get_projects = q("SELECT projname, prodesc, job_id FROM projects WHERE job_id = ?")
-        # schema
-        self.version_table = q("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        self.get_version = q("SELECT MAX(version) FROM schema_version")
-        self.set_version = q("INSERT INTO schema_version (version) VALUES (?)")
-        self.list = self._list_queries(q)
-        self.list_steps = {key: q(
-            "SELECT s.job_id, s.name, s.seq, s.state, s.started_at, s.finished_at FROM steps s "
-            f"JOIN (SELECT id FROM jobs{where} ORDER BY id DESC LIMIT ?) page ON s.job_id = page.id "
-            "ORDER BY s.job_id, s.seq") for key, where in self._list_filters()}
-
-    @staticmethod
-    def _list_filters():
-        """One WHERE clause per combination of the optional filters, built from constants."""
-        names = ("owner", "state", "task", "before")
-        tests = {"owner": "owner = ?", "state": "state = ?", "task": "task = ?", "before": "id < ?"}
-        for mask in range(16):
-            key = tuple(bool(mask & (1 << i)) for i in range(4))
-            used = [tests[n] for n, on in zip(names, key) if on]
-            yield key, (" WHERE " + " AND ".join(used)) if used else ""
-
-    def _list_queries(self, q):
-        return {key: q(f"SELECT {_COLS} FROM jobs{where} ORDER BY id DESC LIMIT ?")
-                for key, where in self._list_filters()}
 
 
 class _Tx:
@@ -307,7 +82,7 @@ class Journal:
     def __init__(self, driver):
         self.driver = driver
         self.dialect = driver.dialect
-        self.sql = _Sql(self.dialect)
+        self.sql = Sql(self.dialect)
         self.url = driver.url
         self._migrate()
         self._writer = GroupCommitter(self._run_batch)
