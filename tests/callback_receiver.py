@@ -1,4 +1,5 @@
 """A real webhook receiver on 127.0.0.1 for the callback tests: scripted answers, recorded requests."""
+import socket
 import ssl
 import threading
 import time
@@ -81,3 +82,14 @@ def _handler(receiver):
             pass
 
     return Handler
+
+
+def fake_dns(table):
+    """A resolver answering from `table` (host -> [addresses]), shaped like getaddrinfo.
+    The table is read at each call, so a test can change an answer (DNS rebinding)."""
+    def resolve(host, port, type=0):
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown host")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, type, 6, "", (a, port))
+                for a in table[host]]
+    return resolve

@@ -2,14 +2,13 @@
 timeouts, redirects, re-delivery on request, and DNS answers that change after submit."""
 import json
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from callback_receiver import Receiver
+from callback_receiver import Receiver, fake_dns
 from conftest import wait_for
 from jobserver.errors import InvalidTransition, JobNotFound
 from jobserver.server import JobServer
@@ -189,7 +188,8 @@ def test_a_refused_connection_is_retried(make_server, receiver):
 
 def test_connection_goes_to_the_checked_address_with_the_original_host(make_server, receiver):
     server = make_server()
-    server.deliverer.guard = UrlGuard(("127.0.0.0/8",), resolver=_dns({"hooks.example.test": "127.0.0.1"}))
+    server.deliverer.guard = UrlGuard(("127.0.0.0/8",),
+                                      resolver=fake_dns({"hooks.example.test": ["127.0.0.1"]}))
     server.callback_guard = server.deliverer.guard.check
     url = f"http://hooks.example.test:{receiver.port}/hook"
     job_id = server.submit("t.echo", callback_url=url)
@@ -199,12 +199,12 @@ def test_connection_goes_to_the_checked_address_with_the_original_host(make_serv
 
 def test_dns_that_changes_to_a_forbidden_address_after_submit_is_refused(make_server, receiver):
     server = make_server(callback_allow=())
-    answers = {"hooks.example.test": "93.184.215.14"}
-    server.deliverer.guard = UrlGuard((), resolver=_dns(answers))
+    answers = {"hooks.example.test": ["93.184.215.14"]}
+    server.deliverer.guard = UrlGuard((), resolver=fake_dns(answers))
     server.callback_guard = server.deliverer.guard.check
     job_id = server.submit("t.echo", callback_url=f"http://hooks.example.test:{receiver.port}/hook",
                            delay=0.3)
-    answers["hooks.example.test"] = "127.0.0.1"  # rebinding: now it points inside
+    answers["hooks.example.test"] = ["127.0.0.1"]  # rebinding: now it points inside
     callback = callback_of(server, job_id, "failed")
     assert (callback["attempts"], callback["last_error"]) == (3, "ForbiddenAddress")
     assert receiver.count() == 0
@@ -238,8 +238,8 @@ def test_https_is_pinned_and_checks_the_certificate_for_the_hostname(make_server
     try:
         server = make_server(callback_attempts=1)
         server.deliverer.verify_tls = certificate[0]  # trust the test certificate only
-        server.deliverer.guard = UrlGuard(("127.0.0.0/8",), resolver=_dns({
-            "hooks.example.test": "127.0.0.1", "other.example.test": "127.0.0.1"}))
+        server.deliverer.guard = UrlGuard(("127.0.0.0/8",), resolver=fake_dns({
+            "hooks.example.test": ["127.0.0.1"], "other.example.test": ["127.0.0.1"]}))
         server.callback_guard = server.deliverer.guard.check
         good = server.submit("t.echo", callback_url=f"https://hooks.example.test:{receiver.port}/hook")
         assert callback_of(server, good, "delivered")["attempts"] == 1
@@ -250,11 +250,3 @@ def test_https_is_pinned_and_checks_the_certificate_for_the_hostname(make_server
         assert receiver.count() == 1
     finally:
         receiver.close()
-
-
-def _dns(table):
-    def resolve(host, port, type=0):
-        if host not in table:
-            raise socket.gaierror(socket.EAI_NONAME, "unknown host")
-        return [(socket.AF_INET, type, 6, "", (table[host], port))]
-    return resolve

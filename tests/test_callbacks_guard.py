@@ -1,9 +1,9 @@
 """The SSRF guard: callback URLs that could reach the server's own network are refused at submit."""
 import ipaddress
-import socket
 
 import pytest
 
+from callback_receiver import fake_dns
 from jobserver.errors import InvalidCallback
 from jobserver.server import JobServer
 from jobserver.tasks import Registry
@@ -60,16 +60,6 @@ def test_allow_lists_cidrs(sqlite_url):
                 server.submit("t.echo", callback_url=url)
     finally:
         server.stop()
-
-
-def fake_dns(table):
-    """A resolver answering from `table` (host -> [addresses]), shaped like getaddrinfo."""
-    def resolve(host, port, type=0):
-        if host not in table:
-            raise socket.gaierror(socket.EAI_NONAME, "unknown host")
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, type, 6, "", (a, port))
-                for a in table[host]]
-    return resolve
 
 
 def test_every_dns_answer_is_judged():
