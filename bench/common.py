@@ -89,3 +89,12 @@ def git_state():
         return head + ("+dirty(jobserver/)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def chosen(only, known, what):
+    """The names a comma-separated `--only` picks from `known` (all when empty); exits on a typo."""
+    names = only.split(",") if only else list(known)
+    for name in names:
+        if name not in known:
+            raise SystemExit(f"unknown {what} {name}; choose from {', '.join(known)}")
+    return names

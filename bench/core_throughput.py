@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 
-from bench.common import ROOT, git_state, median, spawn, stop, table, tool, wait_until
+from bench.common import ROOT, chosen, git_state, median, spawn, stop, table, tool, wait_until
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 MYSQL_URL = "mysql://root@127.0.0.1:3306"
@@ -363,10 +363,7 @@ def main():
         return run_trial(args)
     if args.quick:
         args.n, args.repeats = 300, 1
-    names = args.only.split(",") if args.only else list(CONFIGS)
-    for name in names:
-        if name not in CONFIGS:
-            raise SystemExit(f"unknown configuration {name}; choose from {', '.join(CONFIGS)}")
+    names = chosen(args.only, CONFIGS, "configuration")
     print(f"# core throughput: N={args.n} no-op jobs, {args.repeats} repeat(s), code {git_state()}, "
           f"{os.cpu_count()} CPUs", flush=True)
     results = {name: [] for name in names}

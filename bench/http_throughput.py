@@ -24,12 +24,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import requests
 
-from bench.common import ROOT, git_state, median, spawn, stop, table, tool, wait_until
+from bench.common import ROOT, chosen, git_state, median, spawn, stop, table, tool, wait_until
 
 LUA = ROOT / "bench" / "lua"
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -185,12 +184,9 @@ def main():
         args.duration, args.repeats = 3, 1
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
-    names = args.only.split(",") if args.only else list(TARGETS)
+    names = chosen(args.only, TARGETS, "target")
     for name in DESCRIBE:
         DESCRIBE[name] = DESCRIBE[name].replace("--threads 8", f"--threads {args.js_threads}")
-    for name in names:
-        if name not in TARGETS:
-            raise SystemExit(f"unknown target {name}; choose from {', '.join(TARGETS)}")
     print(f"# http throughput: wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s, "
           f"{args.repeats} repeat(s), code {git_state()}, {os.cpu_count()} CPUs", flush=True)
     results = {name: [] for name in names}
