@@ -173,9 +173,10 @@ class JobServer:
         rows = [self._row(spec, owner) for spec in specs]
         self._check_depth(len(rows))
         results = self.journal.insert_jobs(rows)
-        if any(created for _row, created in results):
+        created = sum(1 for _row, was_created in results if was_created)
+        if created:
             self.pool.wake()
-            self._depth = (self._depth[0], self._depth[1] + len(rows))
+            self._depth = (self._depth[0], self._depth[1] + created)
         return [(self.to_public(row, [], None), created) for row, created in results]
 
     def _row(self, spec, owner):
@@ -227,18 +228,18 @@ class JobServer:
     # --- reads and actions ------------------------------------------------------------
     def get(self, job_id, owner=None):
         """The job as API.md shows it; JobNotFound if absent or not `owner`'s (None: any owner)."""
+        row, steps = self._visible(job_id, owner)
+        callback = self.journal.latest_callback(job_id) if row["callback_url"] else None
+        return self.to_public(row, steps, callback)
+
+    def _visible(self, job_id, owner):
+        """(row, steps) of a job `owner` may see (None: any), else JobNotFound — the one
+        visibility rule for reads and actions alike."""
         row, steps = (self.journal.get_job_and_steps(job_id)
                       if isinstance(job_id, str) and len(job_id) <= 64 else (None, []))
         if row is None or (owner is not None and row["owner"] != owner):
             raise JobNotFound(job_id)
-        callback = self.journal.latest_callback(job_id) if row["callback_url"] else None
-        return self.to_public(row, steps, callback)
-
-    def _visible_row(self, job_id, owner):
-        row = self.journal.get_job(job_id) if isinstance(job_id, str) and len(job_id) <= 64 else None
-        if row is None or (owner is not None and row["owner"] != owner):
-            raise JobNotFound(job_id)
-        return row
+        return row, steps
 
     def list(self, owner=None, state=None, task=None, cursor=None, limit=50):
         """(jobs newest first, next cursor or None)."""
@@ -276,7 +277,7 @@ class JobServer:
 
     def cancel(self, job_id, owner=None):
         """Cancel a queued job, or ask a running one to stop. InvalidTransition if finished."""
-        self._visible_row(job_id, owner)
+        self._visible(job_id, owner)
         state = self.journal.cancel(job_id, self.pool._callback_id)
         if state == State.CANCELLED:
             self._on_event("state", job_id, {"state": "cancelled"})
@@ -286,7 +287,7 @@ class JobServer:
 
     def retry(self, job_id, owner=None):
         """Queue a failed or cancelled job again under the same id. InvalidTransition otherwise."""
-        self._visible_row(job_id, owner)
+        self._visible(job_id, owner)
         self.journal.retry(job_id)
         self.pool.wake()
         return self.get(job_id, owner)
@@ -295,7 +296,7 @@ class JobServer:
         """Deliver a job's failed callback again: same webhook-id, a fresh schedule.
 
         InvalidTransition if its latest delivery is not failed (or it has none)."""
-        self._visible_row(job_id, owner)
+        self._visible(job_id, owner)
         if not self.journal.rearm_callback(job_id):
             latest = self.journal.latest_callback(job_id)
             state = f"callback {latest['state']}" if latest else "without a callback"
