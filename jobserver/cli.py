@@ -15,13 +15,12 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
-from waitress.server import create_server
-
 from .auth import create_token, is_loopback_host
 from .client import Client, ClientError, RemoteJobError
 from .config import Config
 from .errors import JobserverError
 from .http import create_app
+from .httpserver import create_http_server
 from .journal import open_journal
 from .server import JobServer
 
@@ -185,9 +184,9 @@ def serve(config):
     try:
         # waitress buffers a whole body before the app sees it: bound that too, well above
         # max_body so that ordinary oversize bodies still get the app's problem+json 413
-        http = create_server(create_app(server), host=config.host, port=config.port,
-                             threads=config.threads, ident="jobserver",
-                             max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024))
+        http = create_http_server(create_app(server), host=config.host, port=config.port,
+                                  threads=config.threads, ident="jobserver",
+                                  max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024))
     except OSError as exc:
         server.stop()
         print(f"jobserver: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)

@@ -7,10 +7,10 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 import requests
-import waitress
 from waitress import wasyncore
 
 from jobserver.http import create_app
+from jobserver.httpserver import create_http_server
 from jobserver.server import JobServer
 from jobserver.tasks import Registry
 
@@ -71,7 +71,7 @@ def serving(app, threads=8):
     waitress has no stop(): the loop runs here in short polls until told to stop, and
     every socket is closed by the loop's own thread once the request threads are done,
     so no thread writes to a descriptor another thread has closed."""
-    httpd = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    httpd = create_http_server(app, host="127.0.0.1", port=0, threads=threads)
     stop = threading.Event()
 
     def run():
