@@ -3,8 +3,9 @@
     app = create_app(server)                         # a whole app, for waitress
     init_app(existing_app, server, url_prefix="/q")  # or mounted into your own app
 
-Each view parses and validates, calls one JobServer method, and serialises. The state
-lives in `app.extensions["jobserver"]` (an `Api`); nothing here reads the environment.
+Each view parses and validates, calls one JobServer method, and serialises. The views
+are methods of an `Api`, which the blueprint puts in `app.extensions["jobserver"]`;
+nothing here reads the environment.
 
 Errors are `application/problem+json` (RFC 9457): `{"type", "title", "status",
 "detail"}`, plus `task`, `job_id` or `request_id` where useful. `type` is `about:blank`
@@ -19,11 +20,16 @@ woken at once when this process ends the job) or S seconds pass. A server theref
 holds at most `threads` (waitress threads, Config.threads, default 16) waiters at a
 time, and further requests queue behind them: raise `threads` for many long-pollers,
 or have clients poll without `wait`.
+
+The request path is kept short on purpose (one before- and one after-request hook,
+responses encoded once with the C JSON encoder, no URL building): every microsecond
+here is paid on each poll of every frontend.
 """
+import json
 import logging
 import re
 
-from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Flask, current_app, g, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from .auth import Authenticator, Unauthorized
@@ -35,12 +41,16 @@ from .strictjson import StrictJsonError, parse_strict
 
 log = logging.getLogger(__name__)
 
+JSON_TYPE = "application/json"
 PROBLEM_TYPE = "application/problem+json"
 RETRY_AFTER_UNAVAILABLE = 5
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+_READ_CHUNK = 64 * 1024
+_REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
+_encode = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 
 # exception class -> (status, problem name, title); the first match in this order wins
 _PROBLEMS = (
@@ -57,20 +67,11 @@ _PROBLEMS = (
 )
 
 
-class Api:
-    """What the views need: the JobServer, the authenticator, the limits."""
-
-    def __init__(self, server, authenticator=None):
-        self.server = server
-        self.config = server.config
-        self.auth = authenticator or Authenticator(server.journal)
-
-
 def create_app(server, *, url_prefix=""):
     """A Flask app serving the API of `server` under `url_prefix` (no trailing slash)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = server.config.max_body
-    _install_common(app)
+    _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
     init_app(app, server, url_prefix)
     return app
 
@@ -85,28 +86,27 @@ def init_app(app, server, url_prefix=""):
 
 
 def api_blueprint(server, name="jobserver"):
-    """A Blueprint with every route; registering it puts an Api in app.extensions["jobserver"]."""
+    """A Blueprint with every route; registering it puts its Api in app.extensions["jobserver"]."""
     api = Api(server)
     bp = Blueprint(name, __name__)
     bp.record_once(lambda setup: _register(setup.app, api))
-    _install_common(bp)
-    bp.before_request(_authenticate)
-    bp.add_url_rule("/jobs", "submit", submit, methods=["POST"])
-    bp.add_url_rule("/jobs", "list_jobs", list_jobs, methods=["GET"])
-    bp.add_url_rule("/jobs/<job_id>", "get_job", get_job, methods=["GET"])
-    bp.add_url_rule("/jobs/<job_id>/cancel", "cancel", cancel, methods=["POST"])
-    bp.add_url_rule("/jobs/<job_id>/retry", "retry", retry, methods=["POST"])
-    bp.add_url_rule("/jobs/<job_id>/callback/retry", "callback_retry", callback_retry,
+    _install_error_handlers(bp)
+    bp.before_request(api.begin_request)
+    bp.after_request(_end_request)
+    bp.add_url_rule("/jobs", "submit", api.submit, methods=["POST"])
+    bp.add_url_rule("/jobs", "list_jobs", api.list_jobs, methods=["GET"])
+    bp.add_url_rule("/jobs/<job_id>", "get_job", api.get_job, methods=["GET"])
+    bp.add_url_rule("/jobs/<job_id>/cancel", "cancel", api.cancel, methods=["POST"])
+    bp.add_url_rule("/jobs/<job_id>/retry", "retry", api.retry, methods=["POST"])
+    bp.add_url_rule("/jobs/<job_id>/callback/retry", "callback_retry", api.callback_retry,
                     methods=["POST"])
-    bp.add_url_rule("/tasks", "tasks", tasks, methods=["GET"])
-    bp.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])
+    bp.add_url_rule("/tasks", "tasks", api.tasks, methods=["GET"])
+    bp.add_url_rule("/healthz", "healthz", api.healthz, methods=["GET"])
     return bp
 
 
-def _install_common(target):
-    """Request ids and problem+json error handlers on an app or a blueprint."""
-    target.before_request(_begin_request)
-    target.after_request(_end_request)
+def _install_error_handlers(target):
+    """problem+json for every error of an app or a blueprint."""
     target.register_error_handler(HTTPException, _http_error)
     target.register_error_handler(JobserverError, _jobserver_error)
     target.register_error_handler(Exception, _unexpected_error)
@@ -118,71 +118,41 @@ def _register(app, api):
         raise ValueError("this Flask app serves another JobServer already")
 
 
-def _api():
-    return current_app.extensions["jobserver"]
-
-
-# --- request plumbing -----------------------------------------------------------------
-def _begin_request():
-    if "request_id" not in g:
-        given = request.headers.get("X-Request-Id", "")
-        g.request_id = given if _REQUEST_ID.match(given) else new_request_id()
-
-
-def _end_request(response):
-    response.headers["X-Request-Id"] = _request_id()
+# --- responses ------------------------------------------------------------------------
+def json_response(body, status=200, headers=None, mimetype=JSON_TYPE):
+    """`body` as compact JSON (ASCII, a newline at the end), with this request's id."""
+    response = current_app.response_class(_encode(body) + "\n", status=status, mimetype=mimetype)
+    response.headers["X-Request-Id"] = request_id()
+    if headers:
+        response.headers.update(headers)
     return response
 
 
-def _request_id():
-    if "request_id" not in g:
-        _begin_request()
-    return g.request_id
-
-
-def _authenticate():
-    if request.endpoint and request.endpoint.endswith(".healthz"):
-        return
-    if not _api().server.accepting:  # draining: send clients elsewhere or back later
-        raise ServerClosed("the server is shutting down")
-    g.principal = _api().auth.identify(request.headers.get("Authorization"))
-
-
-def _owner_scope():
-    return g.principal.scope
-
-
-def _json_body():
-    """The request body as strict JSON, read at most max_body + 1 bytes (chunked or not)."""
-    limit = _api().config.max_body
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestEntityTooLarge(f"the body is over {limit} bytes")
-    chunks, size = [], 0
-    while size <= limit:
-        chunk = request.stream.read(limit + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    if size > limit:
-        raise RequestEntityTooLarge(f"the body is over {limit} bytes")
-    try:
-        return parse_strict(b"".join(chunks))
-    except StrictJsonError as exc:
-        raise BadRequest(str(exc)) from None
-
-
-# --- problems -------------------------------------------------------------------------
 def problem(status, title, detail, type_="about:blank", headers=None, **extra):
     """An application/problem+json response."""
     body = {"type": type_, "title": title, "status": status, "detail": detail, **extra}
-    response = current_app.response_class(current_app.json.dumps(body) + "\n", status=status,
-                                          mimetype=PROBLEM_TYPE)
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
+    return json_response(body, status, headers, PROBLEM_TYPE)
+
+
+def request_id():
+    """This request's id: the client's X-Request-Id if it is a sane one, else a new one."""
+    environ = request.environ
+    rid = environ.get(_REQUEST_ID_KEY)
+    if rid is None:
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        rid = environ[_REQUEST_ID_KEY] = given if _REQUEST_ID.match(given) else new_request_id()
+    return rid
+
+
+def _end_request(response):
+    # views answer through json_response, which sets it; this covers Flask's own answers
+    # (an automatic OPTIONS, a HEAD)
+    if "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = request_id()
     return response
 
 
+# --- problems -------------------------------------------------------------------------
 def _http_error(exc):
     if exc.code is None or exc.code < 400:
         return exc
@@ -219,126 +189,158 @@ def _error_extra(exc):
 def _unexpected_error(exc):
     if isinstance(exc, HTTPException):
         return _http_error(exc)
-    request_id = _request_id()
-    if not _api().server.accepting:  # e.g. a read racing the journal's close at shutdown
-        log.warning("request %s: %s %s failed while stopping: %r", request_id, request.method,
+    rid = request_id()
+    api = current_app.extensions.get("jobserver")
+    if api is not None and not api.server.accepting:  # e.g. a read racing the journal's close
+        log.warning("request %s: %s %s failed while stopping: %r", rid, request.method,
                     request.path, exc)
         return _jobserver_error(ServerClosed("the server is shutting down"))
-    log.error("request %s: %s %s failed", request_id, request.method, request.path,
-              exc_info=exc)
+    log.error("request %s: %s %s failed", rid, request.method, request.path, exc_info=exc)
     return problem(500, "Internal Server Error",
-                   f"the server failed; quote request id {request_id} to its operator",
-                   request_id=request_id)
+                   f"the server failed; quote request id {rid} to its operator",
+                   request_id=rid)
 
 
-# --- views ----------------------------------------------------------------------------
-def submit():
-    """POST /jobs: one job (an object) or a batch (an array) in one transaction."""
-    body = _json_body()
-    key = request.headers.get("Idempotency-Key")
-    owner = g.principal.name
-    if isinstance(body, list):
+# --- the views ------------------------------------------------------------------------
+class Api:
+    """The views of one JobServer, with what they need: the authenticator and the limits."""
+
+    def __init__(self, server, authenticator=None):
+        self.server = server
+        self.config = server.config
+        self.auth = authenticator or Authenticator(server.journal)
+
+    def begin_request(self):
+        """Every route but /healthz: refuse while draining, then identify the caller."""
+        if request.endpoint.endswith(".healthz"):
+            return
+        if not self.server.accepting:  # draining: send clients elsewhere or back later
+            raise ServerClosed("the server is shutting down")
+        g.principal = self.auth.identify(request.environ.get("HTTP_AUTHORIZATION"))
+
+    def submit(self):
+        """POST /jobs: one job (an object) or a batch (an array) in one transaction."""
+        body = self._json_body()
+        key = request.environ.get("HTTP_IDEMPOTENCY_KEY")
+        owner = g.principal.name
+        if isinstance(body, list):
+            if key is not None:
+                raise BadRequest("Idempotency-Key applies to one job; give each job of a batch "
+                                 "its own idempotency_key field")
+            if not body:
+                raise BadRequest("a batch holds at least one job")
+            results = self.server.submit_many(body, owner)
+            status = 202 if any(created for _job, created in results) else 200
+            return json_response([job for job, _created in results], status)
+        if not isinstance(body, dict):
+            raise BadRequest("a job is a JSON object (or a batch: an array of them)")
         if key is not None:
-            raise BadRequest("Idempotency-Key applies to one job; give each job of a batch "
-                             "its own idempotency_key field")
-        if not body:
-            raise BadRequest("a batch holds at least one job")
-        results = _api().server.submit_many(body, owner)
-        status = 202 if any(created for _job, created in results) else 200
-        return jsonify([job for job, _created in results]), status
-    if not isinstance(body, dict):
-        raise BadRequest("a job is a JSON object (or a batch: an array of them)")
-    if key is not None:
-        if body.get("idempotency_key") not in (None, key):
-            raise BadRequest("the Idempotency-Key header and the idempotency_key field differ")
-        body = dict(body, idempotency_key=key)
-    [(job, created)] = _api().server.submit_many([body], owner)
-    if not created:
-        return jsonify(job), 200
-    return jsonify(job), 202, {"Location": url_for(".get_job", job_id=job["id"])}
+            if body.get("idempotency_key") not in (None, key):
+                raise BadRequest("the Idempotency-Key header and the idempotency_key field differ")
+            body = dict(body, idempotency_key=key)
+        [(job, created)] = self.server.submit_many([body], owner)
+        if not created:
+            return json_response(job)
+        # the route is .../jobs, so the job's own URL is this path and its id
+        location = f"{request.script_root}{request.path}/{job['id']}"
+        return json_response(job, 202, {"Location": location})
+
+    def get_job(self, job_id):
+        """GET /jobs/<id>, with ?wait=S holding the request until the job ends or S passes."""
+        _check_id(job_id)
+        wait = self._wait_seconds()
+        if wait:
+            return json_response(self.server.wait(job_id, wait, owner=g.principal.scope))
+        return json_response(self.server.get(job_id, owner=g.principal.scope))
+
+    def list_jobs(self):
+        """GET /jobs: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
+        args = request.args
+        cursor = args.get("cursor") or None
+        if cursor is not None and not _ID.match(cursor):
+            raise BadRequest("'cursor' is not a cursor this server gave out")
+        task = args.get("task") or None
+        if task is not None and len(task) > 200:
+            raise BadRequest("'task' is at most 200 characters")
+        limit = _int_arg(args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        jobs, next_cursor = self.server.list(owner=g.principal.scope,
+                                             state=args.get("state") or None,
+                                             task=task, cursor=cursor, limit=limit)
+        return json_response({"jobs": jobs, "next": next_cursor})
+
+    def cancel(self, job_id):
+        """POST /jobs/<id>/cancel: 202 with the job; 409 if it already ended."""
+        _check_id(job_id)
+        return json_response(self.server.cancel(job_id, owner=g.principal.scope), 202)
+
+    def retry(self, job_id):
+        """POST /jobs/<id>/retry: a failed or cancelled job queued again; 409 otherwise."""
+        _check_id(job_id)
+        return json_response(self.server.retry(job_id, owner=g.principal.scope), 202)
+
+    def callback_retry(self, job_id):
+        """POST /jobs/<id>/callback/retry: deliver a failed callback again; 409 if none failed."""
+        _check_id(job_id)
+        return json_response(self.server.retry_callback(job_id, owner=g.principal.scope), 202)
+
+    def tasks(self):
+        """GET /tasks: {"tasks": [{"name", "max_retries", "timeout", ...}]}."""
+        return json_response({"tasks": self.server.tasks()})
+
+    def healthz(self):
+        """GET /healthz: 200 while accepting work and the journal answers; else 503. No token."""
+        if not self.server.accepting:
+            raise ServerClosed("the server is shutting down")
+        return json_response(self.server.health())
+
+    # --- request parsing --------------------------------------------------------------
+    def _json_body(self):
+        """The request body as strict JSON, read at most max_body + 1 bytes (chunked or not)."""
+        limit = self.config.max_body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestEntityTooLarge(f"the body is over {limit} bytes")
+        # read() allocates (and zeroes) as many bytes as it is asked for: ask for what the
+        # body holds, or for modest chunks of a chunked body, never for the whole limit
+        want = _READ_CHUNK if length is None else max(length, 1)
+        stream = request.stream
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = stream.read(min(want, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise RequestEntityTooLarge(f"the body is over {limit} bytes")
+        try:
+            return parse_strict(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except StrictJsonError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _wait_seconds(self):
+        if not request.environ.get("QUERY_STRING"):
+            return 0.0
+        text = request.args.get("wait")
+        if text is None or text == "":
+            return 0.0
+        limit = self.config.max_wait
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= limit:  # also refuses nan
+            raise BadRequest(f"'wait' is a number of seconds from 0 to {limit:g}")
+        return value
 
 
-def get_job(job_id):
-    """GET /jobs/<id>, with ?wait=S holding the request until the job ends or S passes."""
-    _check_id(job_id)
-    server = _api().server
-    wait = _wait_seconds()
-    if wait:
-        return jsonify(server.wait(job_id, wait, owner=_owner_scope()))
-    return jsonify(server.get(job_id, owner=_owner_scope()))
-
-
-def list_jobs():
-    """GET /jobs: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
-    args = request.args
-    cursor = args.get("cursor") or None
-    if cursor is not None and not _ID.match(cursor):
-        raise BadRequest("'cursor' is not a cursor this server gave out")
-    task = args.get("task") or None
-    if task is not None and len(task) > 200:
-        raise BadRequest("'task' is at most 200 characters")
-    limit = _int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    jobs, next_cursor = _api().server.list(owner=_owner_scope(), state=args.get("state") or None,
-                                           task=task, cursor=cursor, limit=limit)
-    return jsonify({"jobs": jobs, "next": next_cursor})
-
-
-def cancel(job_id):
-    """POST /jobs/<id>/cancel: 202 with the job; 409 if it already ended."""
-    _check_id(job_id)
-    return jsonify(_api().server.cancel(job_id, owner=_owner_scope())), 202
-
-
-def retry(job_id):
-    """POST /jobs/<id>/retry: a failed or cancelled job queued again; 409 otherwise."""
-    _check_id(job_id)
-    return jsonify(_api().server.retry(job_id, owner=_owner_scope())), 202
-
-
-def callback_retry(job_id):
-    """POST /jobs/<id>/callback/retry: deliver a failed callback again; 409 if none failed."""
-    _check_id(job_id)
-    retry_callback = getattr(_api().server, "retry_callback", None)
-    if retry_callback is None:  # callbacks layer not present in this build
-        return problem(501, "Not Implemented", "callback delivery is not available on this server")
-    return jsonify(retry_callback(job_id, owner=_owner_scope())), 202
-
-
-def tasks():
-    """GET /tasks: {"tasks": [{"name", "max_retries", "timeout", ...}]}."""
-    return jsonify({"tasks": _api().server.tasks()})
-
-
-def healthz():
-    """GET /healthz: 200 while accepting work and the journal answers; else 503. No token."""
-    server = _api().server
-    if not server.accepting:
-        raise ServerClosed("the server is shutting down")
-    return jsonify(server.health())
-
-
-# --- argument parsing -----------------------------------------------------------------
 def _check_id(job_id):
     if not _ID.match(job_id):
         raise JobNotFound(job_id)
 
 
-def _wait_seconds():
-    text = request.args.get("wait")
-    if text is None or text == "":
-        return 0.0
-    limit = _api().config.max_wait
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= limit:  # also refuses nan
-        raise BadRequest(f"'wait' is a number of seconds from 0 to {limit:g}")
-    return value
-
-
-def _int_arg(name, default, low, high):
-    text = request.args.get(name)
+def _int_arg(args, name, default, low, high):
+    text = args.get(name)
     if text is None or text == "":
         return default
     if not re.fullmatch(r"[0-9]{1,6}", text) or not low <= int(text) <= high:
