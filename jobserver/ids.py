@@ -48,8 +48,19 @@ def new_request_id():
 
 
 def format_ms(ms):
-    """Milliseconds since the epoch as RFC 3339 UTC with milliseconds, or None."""
+    """Milliseconds since the epoch as RFC 3339 UTC with milliseconds, or None.
+
+    The text of each second is made once and kept (a few thousand at most): a job
+    shows five timestamps, and most answers name the same recent seconds."""
     if ms is None:
         return None
     seconds, millis = divmod(int(ms), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    text = _second_texts.get(seconds)
+    if text is None:
+        if len(_second_texts) >= 4096:
+            _second_texts.clear()
+        text = _second_texts[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{millis:03d}Z"
+
+
+_second_texts = {}

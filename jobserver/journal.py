@@ -50,6 +50,9 @@ class _Tx:
         self.keys = {}
 
 
+_STEP_KEYS = ("name", "state", "started_at", "finished_at")  # get_job_and_steps's step columns
+
+
 def _rows(cur):
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, row)) for row in cur.fetchall()]
@@ -241,12 +244,13 @@ class Journal:
 
     def get_job_and_steps(self, job_id):
         """(job row, its steps in order) in one query — the poll path — or (None, [])."""
-        rows = self._read(lambda cur: (cur.execute(self.sql.get_job_and_steps, (job_id,)), _rows(cur))[1])
+        rows = self._read(lambda cur: (cur.execute(self.sql.get_job_and_steps, (job_id,)),
+                                       cur.fetchall())[1])
         if not rows:
             return None, []
-        job = {c: rows[0][c] for c in JOB_COLUMNS}
-        steps = [{"name": r["step_name"], "state": r["step_state"], "started_at": r["step_started_at"],
-                  "finished_at": r["step_finished_at"]} for r in rows if r["step_name"] is not None]
+        width = len(JOB_COLUMNS)  # each row: the job's columns, then one step's (or NULLs)
+        job = dict(zip(JOB_COLUMNS, rows[0]))
+        steps = [dict(zip(_STEP_KEYS, r[width:])) for r in rows if r[width] is not None]
         return job, steps
 
     def get_steps(self, job_id):

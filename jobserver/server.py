@@ -9,11 +9,11 @@ import threading
 import time
 
 from .callbacks import Deliverer
-from .codec import MAX_DOCUMENT, dumps
+from .codec import MAX_DOCUMENT, dumps, loads
 from .config import Config
 from .errors import (InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed)
 from .ids import format_ms, new_id
-from .journal import TERMINAL, State, decode_job, open_journal
+from .journal import TERMINAL, State, open_journal
 from .pool import Pool
 from .tasks import Registry, default_registry
 
@@ -27,6 +27,7 @@ MAX_RETRIES = 100
 MAX_KEY = 190
 MAX_TASK = 200
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
+_UNSET = object()
 _OPTIONS = {"params", "priority", "delay", "max_retries", "timeout", "idempotency_key", "callback_url"}
 
 
@@ -170,16 +171,19 @@ class JobServer:
             raise ServerClosed("the server is shutting down")
         if len(specs) > self.config.max_batch:
             raise InvalidJob(f"a batch holds at most {self.config.max_batch} jobs")
-        rows = [self._row(spec, owner) for spec in specs]
-        self._check_depth(len(rows))
-        results = self.journal.insert_jobs(rows)
+        prepared = [self._row(spec, owner) for spec in specs]  # (row, decoded params)
+        self._check_depth(len(prepared))
+        results = self.journal.insert_jobs([row for row, _params in prepared])
         created = sum(1 for _row, was_created in results if was_created)
         if created:
             self.pool.wake()
             self._depth = (self._depth[0], self._depth[1] + created)
-        return [(self.to_public(row, [], None), created) for row, created in results]
+        # an idempotent repeat's stored params are these too: its request hash matched
+        return [(self.to_public(row, [], None, params), was_created)
+                for (row, was_created), (_row, params) in zip(results, prepared)]
 
     def _row(self, spec, owner):
+        """(the journal row of a submit spec, its params) — or InvalidJob / UnknownTask."""
         if not isinstance(spec, dict):
             raise InvalidJob("a job is a JSON object")
         unknown = set(spec) - _OPTIONS - {"task"}
@@ -212,7 +216,7 @@ class JobServer:
             "delay_ms": int(_opt_num(spec, "delay", 0, MAX_DELAY, 0) * 1000),
             "callback_url": callback_url, "idempotency_key": key,
             "request_hash": _request_hash(task, params) if key is not None else None,
-        }
+        }, params
 
     def _check_depth(self, adding):
         limit = self.config.max_queued
@@ -314,29 +318,31 @@ class JobServer:
 
     # --- representation ---------------------------------------------------------------
     @staticmethod
-    def to_public(row, steps, callback):
-        """A journal row as the job representation of API.md."""
-        job = decode_job(row)
+    def to_public(row, steps, callback, params=_UNSET):
+        """A journal row as the job representation of API.md (`params`: the decoded params,
+        when the caller has them already, as a submit does)."""
+        state = row["state"]
         return {
-            "id": job["id"], "task": job["task"], "state": job["state"].value, "owner": job["owner"],
-            "params": job["params"], "priority": job["priority"], "attempts": job["attempts"],
-            "max_retries": job["max_retries"], "timeout": job["timeout"],
-            "run_at": format_ms(job["run_at"]), "progress": job["progress"],
+            "id": row["id"], "task": row["task"], "state": state, "owner": row["owner"],
+            "params": loads(row["params"]) if params is _UNSET else params,
+            "priority": row["priority"], "attempts": row["attempts"],
+            "max_retries": row["max_retries"], "timeout": row["timeout"],
+            "run_at": format_ms(row["run_at"]), "progress": loads(row["progress"]),
             "steps": [{"name": s["name"], "state": s["state"], "started_at": format_ms(s["started_at"]),
                        "finished_at": format_ms(s["finished_at"])} for s in steps],
-            "result": job["result"], "error": job["error"],
-            "cancel_requested": job["cancel_requested"],
-            "callback": _public_callback(job, callback),
-            "created_at": format_ms(job["created_at"]), "started_at": format_ms(job["started_at"]),
-            "finished_at": format_ms(job["finished_at"]),
+            "result": loads(row["result"]), "error": loads(row["error"]),
+            "cancel_requested": bool(row["cancel_requested"]),
+            "callback": _public_callback(row, callback),
+            "created_at": format_ms(row["created_at"]), "started_at": format_ms(row["started_at"]),
+            "finished_at": format_ms(row["finished_at"]),
         }
 
 
-def _public_callback(job, callback):
-    if not job.get("callback_url"):
+def _public_callback(row, callback):
+    if not row["callback_url"]:
         return None
     if callback is None:
-        return {"url": job["callback_url"], "state": "pending",
+        return {"url": row["callback_url"], "state": "pending",
                 "attempts": 0, "last_error": None, "delivered_at": None}
     return {"url": callback["url"], "state": callback["state"], "attempts": callback["attempts"],
             "last_error": callback["last_error"], "delivered_at": format_ms(callback["delivered_at"])}
