@@ -19,11 +19,17 @@ _STOP = object()
 
 
 class _Op:
+    """One queued operation. `done` is a lock held from birth and released once the op's
+    transaction ended: a waiter blocks in one C-level acquire, where an Event would run a
+    Condition's Python code on both sides of every submit."""
     __slots__ = ("fn", "done", "result", "error", "on_done")
 
     def __init__(self, fn, wait, on_done=None):
         self.fn = fn
-        self.done = threading.Event() if wait else None
+        self.done = None
+        if wait:
+            self.done = threading.Lock()
+            self.done.acquire()
         self.on_done = on_done
         self.result = None
         self.error = None
@@ -53,7 +59,7 @@ class GroupCommitter:
             # an on_done callback waiting for a commit that only this thread can make
             raise RuntimeError("a journal write callback must not wait for another write")
         op = self._enqueue(fn, wait=True)
-        op.done.wait()
+        op.done.acquire()
         if op.error is not None:
             raise op.error
         return op.result
@@ -131,7 +137,7 @@ class GroupCommitter:
     @staticmethod
     def _finish_op(op):
         if op.done is not None:
-            op.done.set()
+            op.done.release()
         elif op.on_done is not None:
             try:
                 op.on_done(op.result, op.error)
