@@ -31,7 +31,13 @@ class StatementError(Exception):
 
 class SqliteDialect:
     name = "sqlite"
-    now_ms = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+    # SQLite keeps 'now' in whole milliseconds; julianday() hands it over as a float, so
+    # ROUND (not a truncating CAST, which can land one millisecond early) gets it back
+    now_ms = "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+    # the database runs inside this process, on this machine's clock: reading that clock
+    # in Python (truncated to the millisecond, as SQLite does) gives the same time without
+    # a statement
+    clock_is_local = True
     lock_rows = ""  # BEGIN IMMEDIATE already holds the database's one write lock
     insert_ignore = "INSERT OR IGNORE"
 
@@ -47,6 +53,7 @@ class SqliteDialect:
 class MysqlDialect:
     name = "mysql"
     now_ms = "CAST(UNIX_TIMESTAMP(CURRENT_TIMESTAMP(3)) * 1000 AS SIGNED)"
+    clock_is_local = False  # every box sharing the database goes by the server's clock
     lock_rows = " FOR UPDATE SKIP LOCKED"
     insert_ignore = "INSERT IGNORE"
 

@@ -168,6 +168,15 @@ def test_delayed_job_is_not_claimable_before_run_at(journal):
     assert journal.get_job(job_id)["started_at"] >= run_at
 
 
+def test_a_job_is_due_the_moment_its_submit_returns(journal):
+    # submits stamp run_at from the clock the journal reads in-process (SQLite) or from the
+    # server (MySQL); the claim compares it with the clock of its SQL: the two must agree
+    # to the millisecond, or a fresh job waits for the next poll
+    for _ in range(200):
+        job_id = insert(journal)
+        assert [job["id"] for job in journal.claim("n", 5, 60_000)] == [job_id]
+
+
 def test_claim_takes_at_most_the_batch_limit(journal):
     journal.insert_jobs([make_job() for _ in range(5)])
     sizes = [len(journal.claim("n", 2, 60_000)) for _ in range(4)]
