@@ -40,6 +40,7 @@ MAX_RETRY_AFTER = 24 * 3600
 MAX_RESPONSE = 64 * 1024
 CLAIM_MARGIN = 30.0
 USER_AGENT = "jobserver-webhooks/1"
+_ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class InvalidSignature(JobserverError, ValueError):
@@ -229,8 +230,12 @@ class Deliverer:
         self._wake.set()
 
     def on_event(self, kind, job_id, data):
-        """A server listener: a job that ended in this process has a delivery due now."""
-        if kind == "state" and data.get("state") in ("succeeded", "failed", "cancelled"):
+        """A server listener: a job that ended in this process may have a delivery due now.
+
+        The pool says whether the job had a callback; other ends (a cancel, a recovery)
+        do not, and wake the deliverer to look."""
+        if (kind == "state" and data.get("state") in _ENDED and data.get("callback", True)
+                and not self._wake.is_set()):
             self._wake.set()
 
     # --- claiming -------------------------------------------------------------------

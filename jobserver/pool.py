@@ -185,8 +185,9 @@ class Pool:
         run.ctx.request_cancel(reason)
 
     def wake(self):
-        """Claim now: a job was submitted in this process."""
-        self._wake.set()
+        """Claim now: a job was submitted in this process, or a worker slot came free."""
+        if not self._wake.is_set():  # set() takes the Event's lock even when it is set
+            self._wake.set()
 
     def join(self, timeout=None):
         """Wait until nothing runs here and every outcome is committed. Returns True if idle."""
@@ -195,6 +196,12 @@ class Pool:
 
     def _is_idle(self):
         return not self._running and not self._finishing and not self._retries
+
+    def _notify_if_idle(self):
+        """Wake join() and stop() once nothing is left (call with the lock held): they wait
+        only for that, and a notify_all per job would cost every job its Python code."""
+        if self._is_idle():
+            self._idle.notify_all()
 
     def running_ids(self):
         with self._lock:
@@ -333,8 +340,8 @@ class Pool:
         finally:
             with self._idle:
                 self._running.pop(run.key, None)
-                self._idle.notify_all()
-            self._wake.set()
+                self._notify_if_idle()
+            self.wake()  # a slot is free
 
     def _execute(self, run):
         job, ctx = run.job, run.ctx
@@ -378,7 +385,7 @@ class Pool:
         callback_id = self._callback_id() if run.job.get("callback_url") else None
         self._record(run, lambda on_done: self.journal.finish(
             job_id, run.ctx._token, state, result=result, error=error, callback_id=callback_id,
-            on_done=on_done), ("state", job_id, {"state": state.value}))
+            on_done=on_done), ("state", job_id, {"state": state.value, "callback": callback_id is not None}))
 
     # --- recording outcomes -----------------------------------------------------------
     def _record(self, run, write, event, delay=0.05, ticket=None):
@@ -415,7 +422,7 @@ class Pool:
     def _settle(self, ticket, event):
         with self._idle:
             self._finishing.pop(ticket, None)
-            self._idle.notify_all()
+            self._notify_if_idle()
         if event is not None:
             self._notify(*event)
 
