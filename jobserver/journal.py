@@ -10,6 +10,7 @@ lease token: `WHERE id=? AND state='running' AND lease_token=?`, row count check
 Times are integer milliseconds since the epoch, taken from the database's clock.
 """
 import logging
+import operator
 import random
 import threading
 import time
@@ -51,6 +52,7 @@ class _Tx:
 
 
 _STEP_KEYS = ("name", "state", "started_at", "finished_at")  # get_job_and_steps's step columns
+_job_values = operator.itemgetter(*JOB_COLUMNS)  # a job dict as the INSERT's parameters
 
 
 def _rows(cur):
@@ -213,7 +215,7 @@ class Journal:
                 if key[1] is not None:
                     keys[key] = row
                 out.append((row, True))
-                fresh.append(tuple(row[c] for c in JOB_COLUMNS))
+                fresh.append(_job_values(row))
             # nothing is written until every job of this submit passed: the batch's inserts
             # go in as one statement at the end of the transaction
             tx.rows.extend(fresh)

@@ -28,6 +28,7 @@ MAX_KEY = 190
 MAX_TASK = 200
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
 _UNSET = object()
+_STATE_NAMES = frozenset(s.value for s in State)
 _OPTIONS = {"params", "priority", "delay", "max_retries", "timeout", "idempotency_key", "callback_url"}
 
 
@@ -152,7 +153,7 @@ class JobServer:
         self._listeners.append(fn)
 
     def _on_event(self, kind, job_id, data):
-        if kind == "state" and data.get("state") in {s.value for s in TERMINAL}:
+        if kind == "state" and data.get("state") in TERMINAL:  # State is a str enum
             self.waiters.notify(job_id)
         for fn in self._listeners:
             fn(kind, job_id, data)
@@ -247,7 +248,7 @@ class JobServer:
 
     def list(self, owner=None, state=None, task=None, cursor=None, limit=50):
         """(jobs newest first, next cursor or None)."""
-        if state is not None and state not in {s.value for s in State}:
+        if state is not None and state not in _STATE_NAMES:
             raise InvalidJob(f"unknown state {state!r}")
         rows, steps = self.journal.list_jobs(owner=owner, state=state, task=task, before=cursor,
                                              limit=limit + 1)
@@ -271,7 +272,7 @@ class JobServer:
             while True:
                 job = self.get(job_id, owner)
                 remaining = deadline - time.monotonic()
-                if job["state"] in {s.value for s in TERMINAL} or remaining <= 0:
+                if job["state"] in TERMINAL or remaining <= 0:
                     return job
                 # woken at once when this process ends the job; another process's, at the next look
                 event.wait(min(remaining, self.config.poll_interval))
