@@ -43,6 +43,9 @@ class Principal:
         return None if self.admin else self.name
 
 
+_ANONYMOUS = Principal(ANONYMOUS)  # every caller in open mode (frozen: one serves all)
+
+
 def hash_token(token):
     """The stored form of a token (hex SHA-256): tokens are random, so no salt is needed."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -100,7 +103,7 @@ class Authenticator:
     def identify(self, authorization):
         """The caller of a request with this Authorization header value (or None)."""
         if self.open_mode():
-            return Principal(ANONYMOUS)
+            return _ANONYMOUS
         match = _BEARER.match(authorization or "")
         if match is None:
             raise Unauthorized("this server needs a bearer token: Authorization: Bearer <token>")
