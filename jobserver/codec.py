@@ -6,11 +6,14 @@ import json
 #: would be refused by the server on every retry and leave the job running for ever.
 MAX_DOCUMENT = 8 * 1024 * 1024
 
+# one encoder for every call: json.dumps with options builds a new JSONEncoder each time
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, sort_keys=True).encode
+
 
 def dumps(value, max_bytes=None):
     """Canonical JSON text; raises TypeError or ValueError for what JSON cannot hold, and
     with `max_bytes` ValueError for a longer text (ASCII: its length is its size)."""
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False, sort_keys=True)
+    text = _encode(value)
     if max_bytes is not None and len(text) > max_bytes:
         raise ValueError(f"the JSON text is {len(text)} bytes, over the limit of {max_bytes}")
     return text

@@ -29,7 +29,8 @@ MAX_TASK = 200
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
 _UNSET = object()
 _STATE_NAMES = frozenset(s.value for s in State)
-_OPTIONS = {"params", "priority", "delay", "max_retries", "timeout", "idempotency_key", "callback_url"}
+_FIELDS = frozenset({"task", "params", "priority", "delay", "max_retries", "timeout",
+                     "idempotency_key", "callback_url"})  # what a submit spec may hold
 
 
 class Waiters:
@@ -187,8 +188,8 @@ class JobServer:
         """(the journal row of a submit spec, its params) — or InvalidJob / UnknownTask."""
         if not isinstance(spec, dict):
             raise InvalidJob("a job is a JSON object")
-        unknown = set(spec) - _OPTIONS - {"task"}
-        if unknown:
+        if not _FIELDS.issuperset(spec):
+            unknown = set(spec) - _FIELDS
             raise InvalidJob(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         task = spec.get("task")
         if not isinstance(task, str) or not task or len(task) > MAX_TASK:
