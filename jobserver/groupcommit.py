@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 
+from .admission import waiting
 from .errors import JobserverError, ServerClosed
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class GroupCommitter:
             # an on_done callback waiting for a commit that only this thread can make
             raise RuntimeError("a journal write callback must not wait for another write")
         op = self._enqueue(fn, wait=True)
-        op.done.acquire()
+        with waiting():  # a request thread's turn goes to another while the commit runs
+            op.done.acquire()
         if op.error is not None:
             raise op.error
         return op.result

@@ -32,6 +32,7 @@ import re
 from flask import Blueprint, Flask, current_app, g, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
+from .admission import Gate
 from .auth import Authenticator, Unauthorized
 from .errors import (IdempotencyConflict, InvalidCallback, InvalidJob, InvalidTransition,
                      JobNotFound, JobserverError, JournalUnavailable, QueueFull, ServerClosed,
@@ -46,6 +47,7 @@ PROBLEM_TYPE = "application/problem+json"
 RETRY_AFTER_UNAVAILABLE = 5
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
+TURNS = 1  # request threads running the API's Python at once (see admission.py)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _READ_CHUNK = 64 * 1024
@@ -93,6 +95,7 @@ def api_blueprint(server, name="jobserver"):
     _install_error_handlers(bp)
     bp.before_request(api.begin_request)
     bp.after_request(_end_request)
+    bp.teardown_request(api.end_request)
     bp.add_url_rule("/jobs", "submit", api.submit, methods=["POST"])
     bp.add_url_rule("/jobs", "list_jobs", api.list_jobs, methods=["GET"])
     bp.add_url_rule("/jobs/<job_id>", "get_job", api.get_job, methods=["GET"])
@@ -205,18 +208,25 @@ def _unexpected_error(exc):
 class Api:
     """The views of one JobServer, with what they need: the authenticator and the limits."""
 
-    def __init__(self, server, authenticator=None):
+    def __init__(self, server, authenticator=None, turns=TURNS):
         self.server = server
         self.config = server.config
         self.auth = authenticator or Authenticator(server.journal)
+        self.gate = Gate(turns)
 
     def begin_request(self):
-        """Every route but /healthz: refuse while draining, then identify the caller."""
+        """Wait for a turn; then, on every route but /healthz, refuse while draining and
+        identify the caller."""
+        self.gate.enter()
         if request.endpoint.endswith(".healthz"):
             return
         if not self.server.accepting:  # draining: send clients elsewhere or back later
             raise ServerClosed("the server is shutting down")
         g.principal = self.auth.identify(request.environ.get("HTTP_AUTHORIZATION"))
+
+    def end_request(self, _exc=None):
+        """Give the turn back (teardown: runs whatever happened to the request)."""
+        self.gate.leave()
 
     def submit(self):
         """POST /jobs: one job (an object) or a batch (an array) in one transaction."""

@@ -17,6 +17,7 @@ import time
 from enum import Enum
 
 from . import journal_drivers as drivers
+from .admission import waiting
 from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
                      LeaseLost, ServerClosed)
@@ -279,7 +280,8 @@ class Journal:
                 for step in _rows(cur):
                     steps.setdefault(step.pop("job_id"), []).append(step)
             return rows, steps
-        return self._read(read)
+        with waiting():  # a page of big results is a long read: let polls pass meanwhile
+            return self._read(read)
 
     # --- claim, lease, finish ---------------------------------------------------------
     def claim(self, node, limit, lease_ms):

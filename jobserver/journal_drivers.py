@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pymysql
 from pymysql.constants import CLIENT
 
+from .admission import waiting
 from .errors import JournalUnavailable
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,10 @@ class MysqlDriver:
     def read(self, fn):
         if self._closed:
             raise JournalUnavailable("the journal is closed")
+        with waiting():  # a round trip to the server: other request threads may run meanwhile
+            return self._read(fn)
+
+    def _read(self, fn):
         if not self._slots.acquire(timeout=10):
             raise JournalUnavailable("all journal connections are busy")
         try:

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 
+from .admission import waiting
 from .callbacks import Deliverer
 from .codec import MAX_DOCUMENT, dumps, loads
 from .config import Config
@@ -276,7 +277,8 @@ class JobServer:
                 if job["state"] in TERMINAL or remaining <= 0:
                     return job
                 # woken at once when this process ends the job; another process's, at the next look
-                event.wait(min(remaining, self.config.poll_interval))
+                with waiting():
+                    event.wait(min(remaining, self.config.poll_interval))
                 event.clear()
         finally:
             self.waiters.remove(job_id, event)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from requests.adapters import HTTPAdapter
 
+from .admission import waiting
 from .errors import InvalidCallback
 
 SCHEMES = {"http": 80, "https": 443}
@@ -133,7 +134,8 @@ class UrlGuard:
     def _addresses(self, host, port):
         """Every address the resolver gives for `host` (the first is the one to connect to)."""
         try:
-            answers = self._resolve(host, port, type=socket.SOCK_STREAM)
+            with waiting():  # DNS may take seconds
+                answers = self._resolve(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:  # gaierror is an OSError
             raise Unresolvable(f"callback host {host} does not resolve ({exc})") from None
         addresses = []
