@@ -30,7 +30,7 @@ class Config:
     #: HTTP: address, port and waitress threads
     host: str = "127.0.0.1"
     port: int = 8080
-    threads: int = 16
+    threads: int = 32
     #: serve without tokens on a non-loopback address
     insecure_open: bool = False
     #: task modules to import at start (they register with @task)

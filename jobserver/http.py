@@ -17,9 +17,11 @@ id that the response carries in `X-Request-Id`.
 
 Long-poll: `GET /jobs/{id}?wait=S` holds its waitress thread until the job ends (it is
 woken at once when this process ends the job) or S seconds pass. A server therefore
-holds at most `threads` (waitress threads, Config.threads, default 16) waiters at a
+holds at most `threads` (waitress threads, Config.threads, default 32) waiters at a
 time, and further requests queue behind them: raise `threads` for many long-pollers,
-or have clients poll without `wait`.
+or have clients poll without `wait`. A waiting request does not hold its turn
+(admission.py): one request thread runs the API's Python at a time, and threads that
+wait for a commit or a job cost nothing meanwhile, so threads are cheap to add.
 
 The request path is kept short on purpose (one before- and one after-request hook,
 responses encoded once with the C JSON encoder, no URL building): every microsecond
