@@ -5,7 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from http_fixtures import launch  # noqa: F401
+from http_fixtures import launch
 
 from jobserver.admission import Gate, waiting
 
