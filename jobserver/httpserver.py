@@ -34,8 +34,9 @@ class QuietChannel(HTTPChannel):
 
     def writable(self):
         if (self._sending and not (self.will_close or self.close_when_flushed)
-                and self.total_outbufs_len <= self.adj.outbuf_high_watermark):
-            # above the watermark the sender waits for the main loop: then it must flush
+                and self.total_outbufs_len < self.adj.outbuf_high_watermark):
+            # at or above the watermark the sender may be waiting for the main loop to
+            # flush, and waitress wakes it only once the buffer is below: flush then
             return False
         return super().writable()
 

@@ -31,8 +31,11 @@ def test_a_buffer_that_its_request_thread_is_sending_is_not_offered_to_select():
 
 def test_the_main_loop_still_flushes_when_the_sender_waits_for_it_or_the_channel_closes():
     high = Adjustments().outbuf_high_watermark
-    # past the high watermark the sender blocks until the main loop drains the buffer
+    # past the high watermark the sender blocks until the main loop drains the buffer, and
+    # waitress wakes it only below the mark: at the mark exactly the loop must flush too
     assert _channel(_sending=True, total_outbufs_len=high + 1).writable()
+    assert _channel(_sending=True, total_outbufs_len=high).writable()
+    assert not _channel(_sending=True, total_outbufs_len=high - 1).writable()
     assert _channel(_sending=True, total_outbufs_len=500, will_close=True).writable()
     assert _channel(_sending=True, total_outbufs_len=500, close_when_flushed=True).writable()
 
