@@ -76,6 +76,7 @@ def create_app(server, *, url_prefix=""):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = server.config.max_body
     _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
+    app.after_request(_end_request)  # and their other answers (a slash redirect)
     init_app(app, server, url_prefix)
     return app
 

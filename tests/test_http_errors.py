@@ -207,3 +207,11 @@ def test_request_id_is_echoed_or_made(live_sqlite):
         made = live_sqlite.get("/tasks", headers={"X-Request-Id": bad}).headers["X-Request-Id"]
         assert made and made != bad
     assert live_sqlite.get("/nothing").headers["X-Request-Id"]
+    # answers Flask itself makes carry one too: an automatic OPTIONS, a slash redirect
+    assert live_sqlite.request("OPTIONS", "/tasks").headers["X-Request-Id"]
+
+
+def test_a_redirect_outside_the_api_routes_carries_a_request_id(sqlite_url):
+    with launch(sqlite_url, url_prefix="/q") as live:
+        redirect = live.session.get(live.base + "/q//tasks", allow_redirects=False, timeout=30)
+        assert redirect.status_code in (301, 308) and redirect.headers["X-Request-Id"]
