@@ -181,8 +181,9 @@ class JobServer:
         if created:
             self.pool.wake()
             self._depth = (self._depth[0], self._depth[1] + created)
-        # an idempotent repeat's stored params are these too: its request hash matched
-        return [(self.to_public(row, [], None, params), was_created)
+        # a repeat shows its stored params (equal, as its request hash matched, but in the
+        # journal's key order, as every later read shows them)
+        return [(self.to_public(row, [], None, params if was_created else _UNSET), was_created)
                 for (row, was_created), (_row, params) in zip(results, prepared)]
 
     def _row(self, spec, owner):
@@ -227,7 +228,8 @@ class JobServer:
             return
         checked_at, depth = self._depth
         if time.monotonic() - checked_at > 1.0 or depth + adding > limit:
-            depth = self.journal.count_queued()
+            with waiting():  # a count over many queued rows is a long read
+                depth = self.journal.count_queued()
             self._depth = (time.monotonic(), depth)
         if depth + adding > limit:
             raise QueueFull(limit, retry_after=max(1, int(self.config.poll_interval * 4)))

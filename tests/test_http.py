@@ -1,4 +1,5 @@
 """The HTTP API over real waitress and a real journal: every route's success path, auth."""
+import json
 import time
 
 import pytest
@@ -136,6 +137,12 @@ def test_idempotency_by_field_and_by_header(live):
     assert (one.status_code, two.status_code) == (202, 200) and one.json()["id"] == two.json()["id"]
     assert_problem(live.post("/jobs", json={"task": "t.fail"}, headers=head), 409)
     assert len(live.get("/jobs").json()["jobs"]) == 2
+    # a repeat answers the first job as stored, as a GET shows it (not this request's text)
+    spec = {"task": "t.echo", "params": {"b": 1, "a": 2}, "idempotency_key": "k3"}
+    live.post("/jobs", json=spec)
+    repeat = live.post("/jobs", json=spec).text
+    stored = live.get(f"/jobs/{json.loads(repeat)['id']}").text
+    assert '"params":{"a":2,"b":1}' in repeat and '"params":{"a":2,"b":1}' in stored
 
 
 def test_batch_repeat_answers_200(live_sqlite):
