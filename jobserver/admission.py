@@ -5,7 +5,7 @@ thread still competes for it: each time the running one lets go of the GIL insid
 C call (the sqlite3 module does about eight times per query) a waiting thread is woken,
 finds the GIL taken back, and sleeps again. With 16 waitress threads serving polls
 that churn cost ~80,000 context switches a second and a fifth of the throughput. A
-`Gate` lets `slots` request threads in; the others wait on a plain lock, which costs
+`Gate` lets `turns` request threads in; the others wait on a plain lock, which costs
 nothing while they wait. A thread gives its turn away while it blocks on something
 slow (a group commit, a long-poll, a MySQL round trip, DNS): `with waiting(): ...`
 marks such a wait, and is a no-op on threads that hold no turn (the pool's, tests').
@@ -19,15 +19,15 @@ _local = threading.local()  # .gate: the Gate whose turn this thread holds, or N
 
 
 class Gate:
-    """At most `slots` threads between enter() and leave() at once."""
+    """At most `turns` threads between enter() and leave() at once."""
 
-    def __init__(self, slots=2):
-        if slots < 1:
-            raise ValueError("a gate has at least one slot")
+    def __init__(self, turns=1):
+        if turns < 1:
+            raise ValueError("a gate has at least one turn")
         # turns are tokens in a C-level queue: taking and giving one back run no Python code,
         # as a threading.Semaphore's Condition would
         self._turns = queue.SimpleQueue()
-        for _ in range(slots):
+        for _ in range(turns):
             self._turns.put(None)
 
     def enter(self):

@@ -27,6 +27,7 @@ import urllib3
 
 from .codec import dumps
 from .errors import InvalidCallback, JobNotFound, JobserverError
+from .journal import TERMINAL
 from .urlguard import ForbiddenAddress, PinnedAdapter, Unresolvable, UrlGuard
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ MAX_RETRY_AFTER = 24 * 3600
 MAX_RESPONSE = 64 * 1024
 CLAIM_MARGIN = 30.0
 USER_AGENT = "jobserver-webhooks/1"
-_ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class InvalidSignature(JobserverError, ValueError):
@@ -234,7 +234,7 @@ class Deliverer:
 
         The pool says whether the job had a callback; other ends (a cancel, a recovery)
         do not, and wake the deliverer to look."""
-        if (kind == "state" and data.get("state") in _ENDED and data.get("callback", True)
+        if (kind == "state" and data.get("state") in TERMINAL and data.get("callback", True)
                 and not self._wake.is_set()):
             self._wake.set()
 

@@ -23,9 +23,9 @@ or have clients poll without `wait`. A waiting request does not hold its turn
 (admission.py): one request thread runs the API's Python at a time, and threads that
 wait for a commit or a job cost nothing meanwhile, so threads are cheap to add.
 
-The request path is kept short on purpose (one before- and one after-request hook,
-responses encoded once with the C JSON encoder, no URL building): every microsecond
-here is paid on each poll of every frontend.
+The request path is kept short on purpose (one before-, one after- and one teardown
+hook, responses encoded once with the C JSON encoder, no URL building): every
+microsecond here is paid on each poll of every frontend.
 """
 import json
 import logging
@@ -76,8 +76,8 @@ def create_app(server, *, url_prefix=""):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = server.config.max_body
     _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
-    app.after_request(_end_request)  # and their other answers (a slash redirect)
-    init_app(app, server, url_prefix)
+    app.after_request(_end_request)  # every answer of the app, the blueprint's included
+    app.register_blueprint(api_blueprint(server, request_ids=False), url_prefix=url_prefix or None)
     return app
 
 
@@ -90,14 +90,18 @@ def init_app(app, server, url_prefix=""):
     return app
 
 
-def api_blueprint(server, name="jobserver"):
-    """A Blueprint with every route; registering it puts its Api in app.extensions["jobserver"]."""
+def api_blueprint(server, name="jobserver", *, request_ids=True):
+    """A Blueprint with every route; registering it puts its Api in app.extensions["jobserver"].
+
+    `request_ids=False` leaves stamping X-Request-Id on Flask's own answers to the app
+    (create_app does it for all of them at once; a host app's own routes keep theirs)."""
     api = Api(server)
     bp = Blueprint(name, __name__)
     bp.record_once(lambda setup: _register(setup.app, api))
     _install_error_handlers(bp)
     bp.before_request(api.begin_request)
-    bp.after_request(_end_request)
+    if request_ids:
+        bp.after_request(_end_request)
     bp.teardown_request(api.end_request)
     bp.add_url_rule("/jobs", "submit", api.submit, methods=["POST"])
     bp.add_url_rule("/jobs", "list_jobs", api.list_jobs, methods=["GET"])
@@ -151,8 +155,8 @@ def request_id():
 
 
 def _end_request(response):
-    # views answer through json_response, which sets it; this covers Flask's own answers
-    # (an automatic OPTIONS, a HEAD)
+    # views and errors answer through json_response, which sets it; this covers Flask's
+    # own answers (an automatic OPTIONS, a slash redirect)
     if "X-Request-Id" not in response.headers:
         response.headers["X-Request-Id"] = request_id()
     return response

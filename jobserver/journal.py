@@ -240,7 +240,8 @@ class Journal:
         return existing
 
     def count_queued(self):
-        return self._read(lambda cur: (cur.execute(self.sql.count_queued), cur.fetchone()[0])[1])
+        with waiting():  # a count over many queued rows is a long read: let polls pass meanwhile
+            return self._read(lambda cur: (cur.execute(self.sql.count_queued), cur.fetchone()[0])[1])
 
     # --- reads ------------------------------------------------------------------------
     def get_job(self, job_id):

@@ -228,8 +228,7 @@ class JobServer:
             return
         checked_at, depth = self._depth
         if time.monotonic() - checked_at > 1.0 or depth + adding > limit:
-            with waiting():  # a count over many queued rows is a long read
-                depth = self.journal.count_queued()
+            depth = self.journal.count_queued()
             self._depth = (time.monotonic(), depth)
         if depth + adding > limit:
             raise QueueFull(limit, retry_after=max(1, int(self.config.poll_interval * 4)))
@@ -327,9 +326,8 @@ class JobServer:
     def to_public(row, steps, callback, params=_UNSET):
         """A journal row as the job representation of API.md (`params`: the decoded params,
         when the caller has them already, as a submit does)."""
-        state = row["state"]
         return {
-            "id": row["id"], "task": row["task"], "state": state, "owner": row["owner"],
+            "id": row["id"], "task": row["task"], "state": row["state"], "owner": row["owner"],
             "params": loads(row["params"]) if params is _UNSET else params,
             "priority": row["priority"], "attempts": row["attempts"],
             "max_retries": row["max_retries"], "timeout": row["timeout"],
