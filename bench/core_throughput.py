@@ -264,7 +264,8 @@ def trial_rq(args, name):
             for _ in range(n):
                 ids.append(q.enqueue(func).id)
         t_submitted = time.perf_counter()
-        done = lambda: registry.count - base >= n
+        def done():
+            return registry.count - base >= n
         reached = wait_until(done, max(1.0, args.timeout - (t_submitted - t0)), 0.05)
         t_end = time.perf_counter()
         return {"completed": registry.count - base, "failed": q.failed_job_registry.count,

@@ -10,8 +10,16 @@
         job_id = server.submit("reports.build", {"month": "2026-10"})
 """
 from .config import Config
-from .errors import (InvalidCallback, InvalidJob, JobCancelled, JobNotFound, JobserverError,
-                     JournalUnavailable, ServerClosed, UnknownTask)
+from .errors import (
+                     InvalidCallback,
+                     InvalidJob,
+                     JobCancelled,
+                     JobNotFound,
+                     JobserverError,
+                     JournalUnavailable,
+                     ServerClosed,
+                     UnknownTask,
+)
 from .server import JobServer
 from .tasks import JobContext, Registry, task
 

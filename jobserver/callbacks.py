@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timezone
+from datetime import UTC
 
 import requests
 import urllib3
@@ -164,7 +164,7 @@ def parse_retry_after(value, now=None):
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:  # "-0000": UTC, with no zone named
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     seconds = when.timestamp() - (time.time() if now is None else now)
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
 

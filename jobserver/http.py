@@ -36,9 +36,18 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from .admission import Gate
 from .auth import Authenticator, Unauthorized
-from .errors import (IdempotencyConflict, InvalidCallback, InvalidJob, InvalidTransition,
-                     JobNotFound, JobserverError, JournalUnavailable, QueueFull, ServerClosed,
-                     UnknownTask)
+from .errors import (
+    IdempotencyConflict,
+    InvalidCallback,
+    InvalidJob,
+    InvalidTransition,
+    JobNotFound,
+    JobserverError,
+    JournalUnavailable,
+    QueueFull,
+    ServerClosed,
+    UnknownTask,
+)
 from .ids import new_request_id
 from .strictjson import StrictJsonError, parse_strict
 

@@ -19,8 +19,7 @@ from enum import Enum
 from . import journal_drivers as drivers
 from .admission import waiting
 from .codec import MAX_DOCUMENT, dumps, loads
-from .errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
-                     LeaseLost, ServerClosed)
+from .errors import IdempotencyConflict, InvalidTransition, JournalUnavailable, LeaseLost, ServerClosed
 from .groupcommit import GroupCommitter
 from .journal_sql import JOB_COLUMNS, MIGRATIONS, SCHEMA_VERSION, Sql
 
@@ -124,7 +123,7 @@ class Journal:
     def _run_batch(self, batch):
         """Run a batch in one write transaction; retry it whole on a transient failure."""
         delay = 0.005
-        for attempt in range(12):
+        for _attempt in range(12):
             try:
                 self.driver.write_transaction(lambda cur: self._apply(batch, cur))
                 return

@@ -12,7 +12,7 @@ from .admission import waiting
 from .callbacks import Deliverer
 from .codec import MAX_DOCUMENT, dumps, loads
 from .config import Config
-from .errors import (InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed)
+from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed
 from .ids import format_ms, new_id
 from .journal import TERMINAL, State, open_journal
 from .pool import Pool

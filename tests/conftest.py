@@ -5,10 +5,10 @@ import time
 import uuid
 from urllib.parse import urlparse, urlunparse
 
+import proc_worker
 import pymysql
 import pytest
 
-import proc_worker
 from jobserver import JobServer
 
 MYSQL_URL = os.environ.get("JOBSERVER_TEST_MYSQL")

@@ -20,7 +20,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make the package importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobserver import JobServer, Registry  # noqa: E402
+from jobserver import JobServer, Registry
 
 registry = Registry()
 WORKDIR = Path(os.environ.get("JOBSERVER_TEST_WORKDIR", "."))

@@ -6,10 +6,10 @@ import subprocess
 import time
 
 import pytest
-from standardwebhooks.webhooks import Webhook
-
 from callback_receiver import Receiver, fake_dns
 from conftest import wait_for
+from standardwebhooks.webhooks import Webhook
+
 from jobserver.errors import InvalidTransition, JobNotFound
 from jobserver.server import JobServer
 from jobserver.tasks import Registry

@@ -6,10 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-from standardwebhooks.webhooks import Webhook
-
 from callback_receiver import Receiver
 from conftest import wait_for
+from standardwebhooks.webhooks import Webhook
+
 from jobserver.journal import open_journal
 from jobserver.server import JobServer
 from jobserver.tasks import Registry

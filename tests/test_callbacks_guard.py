@@ -2,8 +2,8 @@
 import ipaddress
 
 import pytest
-
 from callback_receiver import fake_dns
+
 from jobserver.errors import InvalidCallback
 from jobserver.server import JobServer
 from jobserver.tasks import Registry

@@ -2,15 +2,24 @@
 the secret's life; the retry schedule and Retry-After."""
 import base64
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from jobserver.callbacks import (DEFAULT_SCHEDULE, MAX_RETRY_AFTER, InvalidSignature, Schedule,
-                                 generate_secret, parse_retry_after, secret_key, signing_secret,
-                                 verify, webhook_headers)
+from jobserver.callbacks import (
+    DEFAULT_SCHEDULE,
+    MAX_RETRY_AFTER,
+    InvalidSignature,
+    Schedule,
+    generate_secret,
+    parse_retry_after,
+    secret_key,
+    signing_secret,
+    verify,
+    webhook_headers,
+)
 from jobserver.config import Config
 from jobserver.journal import open_journal
 from jobserver.server import JobServer
@@ -30,7 +39,7 @@ def test_our_signature_verifies_with_standardwebhooks():
 
 def test_we_verify_a_standardwebhooks_signature():
     secret = generate_secret()
-    now = datetime.now(tz=timezone.utc)
+    now = datetime.now(tz=UTC)
     signature = Webhook(secret).sign("msg_x", now, BODY.decode())
     headers = {"Webhook-Id": "msg_x", "Webhook-Timestamp": str(int(now.timestamp())),
                "Webhook-Signature": signature}
@@ -118,9 +127,9 @@ def test_retry_after_in_seconds_or_as_an_http_date():
     assert parse_retry_after("120") == 120
     assert parse_retry_after(" 5 ") == 5
     assert parse_retry_after("99999999") == MAX_RETRY_AFTER
-    date = format_datetime(datetime.fromtimestamp(now + 60, tz=timezone.utc), usegmt=True)
+    date = format_datetime(datetime.fromtimestamp(now + 60, tz=UTC), usegmt=True)
     assert 58 <= parse_retry_after(date, now=now) <= 61
-    past = format_datetime(datetime.fromtimestamp(now - 60, tz=timezone.utc), usegmt=True)
+    past = format_datetime(datetime.fromtimestamp(now - 60, tz=UTC), usegmt=True)
     assert parse_retry_after(past, now=now) == 0
     for odd in (None, "", "-5", "soon", "1.5"):
         assert parse_retry_after(odd) is None

@@ -8,9 +8,9 @@ import json
 import random
 from urllib.parse import quote
 
+from http_fixtures import assert_problem, launch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from http_fixtures import assert_problem, launch
 
 from jobserver.errors import InvalidCallback
 

@@ -7,12 +7,17 @@ from urllib.parse import urlparse
 
 import pymysql
 import pytest
-
 from conftest import wait_for
+
 from jobserver import journal_drivers
 from jobserver.codec import dumps
-from jobserver.errors import (IdempotencyConflict, InvalidTransition, JournalUnavailable,
-                              LeaseLost, ServerClosed)
+from jobserver.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JournalUnavailable,
+    LeaseLost,
+    ServerClosed,
+)
 from jobserver.ids import new_id
 from jobserver.journal import SCHEMA_VERSION, Journal, State, decode_job, open_journal
 from jobserver.tasks import JobContext
@@ -504,7 +509,7 @@ def _exercise(j):
     a = make_job(idempotency_key="k", request_hash="1" * 64, callback_url="https://example.com/x")
     j.insert_jobs([a])
     j.insert_jobs([make_job(idempotency_key="k", request_hash="1" * 64)])
-    b_id, c_id, d_id = insert(j), insert(j), insert(j)
+    b_id, _c_id, d_id = insert(j), insert(j), insert(j)
     j.count_queued()
     ja, jb, jc = j.claim("n", 3, 1)
     j.renew([(ja["id"], ja["lease_token"])], 60_000, "n")

@@ -4,8 +4,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_for
+
 from jobserver import InvalidJob, JobServer, Registry
 
 FAST = dict(lease_seconds=1, poll_interval=0.05, shutdown_grace=2)
