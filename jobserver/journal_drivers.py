@@ -11,6 +11,7 @@ import os
 import queue
 import sqlite3
 import threading
+from contextlib import contextmanager
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pymysql
@@ -84,6 +85,7 @@ class SqliteDriver:
 
     dialect = SqliteDialect
     integrity_errors = (sqlite3.IntegrityError,)
+    paramstyle = sqlite3.paramstyle
 
     def __init__(self, url, path, synchronous="FULL", busy_timeout_ms=10_000):
         if synchronous.upper() not in _SYNCHRONOUS:
@@ -110,16 +112,37 @@ class SqliteDriver:
             self._all.append(conn)
         return conn
 
-    def read(self, fn):
+    def _thread_connection(self):
         if self._closed:
             raise JournalUnavailable("the journal is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
+        return conn
+
+    def read(self, fn):
+        conn = self._thread_connection()
         try:
             return fn(conn.cursor())
         except sqlite3.OperationalError as exc:
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
+
+    @contextmanager
+    def transaction(self):
+        """A user's transaction on this thread's connection: BEGIN IMMEDIATE (waiting up to
+        busy_timeout for the write lock), COMMIT, or ROLLBACK when the block raised."""
+        conn = self._thread_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise JournalUnavailable(f"cannot begin a transaction: {exc}") from exc
+        try:
+            yield conn.cursor()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def write_transaction(self, fn):
         """BEGIN IMMEDIATE; fn(cursor); COMMIT — rolled back if anything raises."""
@@ -180,6 +203,7 @@ class MysqlDriver:
 
     dialect = MysqlDialect
     integrity_errors = (pymysql.err.IntegrityError,)
+    paramstyle = pymysql.paramstyle
 
     def __init__(self, url, host, port, user, password, database, pool_size=16, timeout=30):
         self.url = url
@@ -227,6 +251,56 @@ class MysqlDriver:
                         raise JournalUnavailable(f"journal read failed: {exc}") from exc
         finally:
             self._slots.release()
+
+    @contextmanager
+    def transaction(self):
+        """A user's transaction on a pooled connection: BEGIN, COMMIT, or ROLLBACK when the
+        block raised. A connection that failed is closed, not put back."""
+        if not self._slots.acquire(timeout=10):
+            raise JournalUnavailable("all journal connections are busy")
+        try:
+            conn = self._begun()
+            healthy = False
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+                conn.commit()
+                healthy = True
+            except BaseException:
+                try:
+                    conn.rollback()
+                    healthy = True
+                except pymysql.err.MySQLError:
+                    log.debug("rollback failed; the connection is closed", exc_info=True)
+                raise
+            finally:
+                if healthy:
+                    self._idle.put(conn)
+                else:
+                    _close_quietly(conn)
+        finally:
+            self._slots.release()
+
+    def _begun(self):
+        """An idle (or new) connection with a transaction begun; an idle one that the server
+        closed meanwhile is replaced by a fresh one."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = None
+        if conn is not None:
+            try:
+                conn.begin()
+                return conn
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError):
+                _close_quietly(conn)
+        conn = self._connect()
+        try:
+            conn.begin()
+        except pymysql.err.MySQLError as exc:
+            _close_quietly(conn)
+            raise JournalUnavailable(f"cannot begin a transaction: {exc}") from exc
+        return conn
 
     def write_transaction(self, fn):
         conn = self._begin_on_writer()
@@ -301,6 +375,13 @@ class MysqlDriver:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _close_quietly(conn):
+    try:
+        conn.close()
+    except pymysql.err.Error:
+        log.debug("closing a dead connection failed", exc_info=True)
 
 
 def _code(exc):
