@@ -324,7 +324,8 @@ class Journal:
         return _decode(row), [StepSummary._make(step) for step in steps]
 
     def get_steps(self, job_id):
-        """Every step of a job in order, as dicts of all their columns (result decoded: no)."""
+        """Every step of a job in order, as dicts of their columns (result and error as the
+        stored JSON text)."""
         return self._read(lambda cur: _dicts(cur, self.sql.get_steps, (job_id,)))
 
     def get_step(self, job_id, name):

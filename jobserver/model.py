@@ -236,8 +236,9 @@ class EventKind(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class JobEvent:
-    """Something that happened to a job in this process, told to listeners once it is
-    committed (a step's start: once it is queued). Build one with the constructors below."""
+    """Something that happened to a job in this process. State, callback and step-end
+    events are told once committed; progress and a step's start once queued for the next
+    commit. Build one with the constructors below."""
 
     kind: EventKind
     job_id: str

@@ -211,10 +211,6 @@ class Pool:
         if self._is_idle():
             self._idle.notify_all()
 
-    def running_ids(self):
-        with self._lock:
-            return [job_id for job_id, _token in self._running]
-
     def cancel_local(self, job_id):
         """Tell a job running in this process to stop now (the journal flag reaches others)."""
         with self._lock:
