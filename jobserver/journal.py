@@ -313,11 +313,14 @@ class Journal:
     def get_job_and_steps(self, job_id):
         """(Job, its steps in order) — the poll path — or (None, []).
 
-        Two statements on one connection: the job's row once, then its steps' four narrow
-        columns (a join would copy the job's documents into every step's row)."""
+        On one connection: the job's row, saying whether it has steps, then (if it has)
+        their four narrow columns. A join would copy the job's documents into every step's
+        row; a second statement for every poll would cost MySQL a round trip."""
         def read(cur):
-            row = _fetch_one(cur, self.sql.get_job, (job_id,))
-            return (None, []) if row is None else (row, _fetch_all(cur, self.sql.job_steps, (job_id,)))
+            row = _fetch_one(cur, self.sql.get_job_has_steps, (job_id,))
+            if row is None:
+                return None, ()
+            return row[:-1], (_fetch_all(cur, self.sql.job_steps, (job_id,)) if row[-1] else ())
         row, steps = self._read(read)
         if row is None:
             return None, []

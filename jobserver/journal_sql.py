@@ -116,6 +116,10 @@ class Sql:
         self.insert_job = q(f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})")
         self.find_idempotent = q(f"SELECT {_COLS} FROM jobs WHERE owner = ? AND idempotency_key = ?")
         self.get_job = q(f"SELECT {_COLS} FROM jobs WHERE id = ?")
+        # the poll path: the job's row and whether it has steps to read (most have none:
+        # then one round trip is all a poll costs)
+        self.get_job_has_steps = q(
+            f"SELECT {_COLS}, EXISTS (SELECT 1 FROM steps WHERE steps.job_id = jobs.id) FROM jobs WHERE id = ?")
         self.job_steps = q("SELECT name, state, started_at, finished_at FROM steps WHERE job_id = ? ORDER BY seq")
         queued, running = State.QUEUED.value, State.RUNNING.value
         self.count_queued = q(f"SELECT COUNT(*) FROM jobs WHERE state = '{queued}'")
