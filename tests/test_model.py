@@ -192,21 +192,6 @@ def test_the_public_form_follows_api_md():
     assert hooked.to_public(callback=delivery)["callback"]["delivered_at"] == "2023-11-14T22:13:21.000Z"
 
 
-def test_a_get_shows_the_effective_time_limit_and_the_queue(sqlite_url):
-    registry = Registry()
-    registry.task("t.limited", timeout=600)(lambda ctx: None)
-    registry.task("t.unlimited")(lambda ctx: None)
-    with JobServer(sqlite_url, tasks=registry, **FAST) as server:
-        default = server.get(server.submit("t.limited"))
-        own = server.get(server.submit("t.limited", timeout=30))
-        none = server.get(server.submit("t.unlimited"))
-        [(submitted, _created)] = server.submit_many([{"task": "t.limited"}])
-        listed = {job["id"]: job for job in server.list()[0]}
-    assert (default["timeout"], own["timeout"], none["timeout"]) == (600, 30, None)
-    assert submitted["timeout"] == 600 and listed[default["id"]]["timeout"] == 600
-    assert {default["queue"], own["queue"], none["queue"], submitted["queue"]} == {"default"}
-
-
 # --- events -------------------------------------------------------------------------------------
 def _recording(server):
     events, lock = [], threading.Lock()

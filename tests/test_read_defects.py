@@ -1,5 +1,6 @@
 """Read-path defects: a poll of a big job with many steps, and a list page of big results,
-must stay bounded in memory and must not keep other requests out."""
+must stay bounded in memory and must not keep other requests out; a job shows the time
+limit it runs under and its queue."""
 import threading
 import time
 import tracemalloc
@@ -121,3 +122,18 @@ def test_a_list_page_of_big_results_reads_about_its_cap(db_url):
             page, cursor = server.list(limit=500, cursor=cursor)
             seen += [job["id"] for job in page]
         assert seen == sorted(ids, reverse=True)
+
+
+def test_a_get_shows_the_effective_time_limit_and_the_queue(sqlite_url):
+    registry = Registry()
+    registry.task("t.limited", timeout=600)(lambda ctx: None)
+    registry.task("t.unlimited")(lambda ctx: None)
+    with JobServer(sqlite_url, tasks=registry, **FAST) as server:
+        default = server.get(server.submit("t.limited"))
+        own = server.get(server.submit("t.limited", timeout=30))
+        none = server.get(server.submit("t.unlimited"))
+        [(submitted, _created)] = server.submit_many([{"task": "t.limited"}])
+        listed = {job["id"]: job for job in server.list()[0]}
+    assert (default["timeout"], own["timeout"], none["timeout"]) == (600, 30, None)
+    assert submitted["timeout"] == 600 and listed[default["id"]]["timeout"] == 600
+    assert {default["queue"], own["queue"], none["queue"], submitted["queue"]} == {"default"}
