@@ -316,10 +316,15 @@ class JobServer:
     def tasks(self):
         return [dict(name=spec.name, **spec.options()) for spec in self.registry]
 
-    def health(self):
-        """Raises JournalUnavailable unless the journal answers."""
+    def health(self, details=False):
+        """{"status": "ok"} (or "stopping"); with `details`, also this process's node id
+        (host name and pid: for operators, not for anyone who asks). Raises
+        JournalUnavailable unless the journal answers."""
         self.journal.ping()
-        return {"status": "ok" if self.accepting else "stopping", "node": self.pool.node_id}
+        health = {"status": "ok" if self.accepting else "stopping"}
+        if details:
+            health["node"] = self.pool.node_id
+        return health
 
     # --- representation ---------------------------------------------------------------
     @staticmethod

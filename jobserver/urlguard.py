@@ -101,8 +101,10 @@ class UrlGuard:
         addresses = self._addresses(host, port)
         for ip in addresses:
             if not self.allowed(ip):
-                raise ForbiddenAddress(f"callback host {host} resolves to {ip}, which is not a public "
-                                       "address (allow it with --callback-allow)")
+                # the address stays out of the message: it would tell a caller what a name
+                # resolves to inside the server's network
+                raise ForbiddenAddress(f"callback host {host} resolves to an address that is not "
+                                       "public (an operator may allow it with --callback-allow)")
         return Target(url, scheme, host, port, str(addresses[0]))
 
     def allowed(self, ip):
@@ -136,8 +138,8 @@ class UrlGuard:
         try:
             with waiting():  # DNS may take seconds
                 answers = self._resolve(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:  # gaierror is an OSError
-            raise Unresolvable(f"callback host {host} does not resolve ({exc})") from None
+        except (OSError, UnicodeError):  # gaierror is an OSError; its text is the resolver's
+            raise Unresolvable(f"callback host {host} does not resolve") from None
         addresses = []
         for _family, _type, _proto, _name, sockaddr in answers:
             try:
