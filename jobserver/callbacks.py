@@ -6,7 +6,14 @@ deliverers for the callback timeout plus a margin, so a crashed process's claims
 back), POSTs the public job on its own small thread pool, and records the outcome:
 delivered, failed, or pending again at the next time of the schedule. Nothing here
 runs on a job worker or an HTTP request thread, so a slow receiver holds only a
-delivery thread, and at most for the callback timeout per read.
+delivery thread, and at most for the callback timeout: that bounds the whole exchange
+(hookpost.py), however slowly the receiver answers.
+
+One receiver (host and port) has at most half of the delivery threads at a time, and a
+claim hands rows out in turn across receivers, so a slow receiver leaves the others
+threads of their own. Once a receiver is slow (its whole share busy for a second), its
+other due deliveries are put off by the callback timeout, so that claims reach the
+deliveries behind them.
 """
 import base64
 import binascii
@@ -21,14 +28,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
-
-import requests
-import urllib3
+from urllib.parse import urlsplit
 
 from .codec import dumps
 from .errors import InvalidCallback, JobNotFound, JobserverError
+from .hookpost import PostFailed, post
 from .journal import TERMINAL
-from .urlguard import ForbiddenAddress, PinnedAdapter, Unresolvable, UrlGuard
+from .urlguard import SCHEMES, ForbiddenAddress, Unresolvable, UrlGuard
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,11 @@ MIN_KEY_BYTES = 16
 DEFAULT_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 JITTER = 0.1
 MAX_RETRY_AFTER = 24 * 3600
-MAX_RESPONSE = 64 * 1024
 CLAIM_MARGIN = 30.0
+#: due deliveries a claim looks at (soonest first) to find ones for receivers with threads free
+CLAIM_SCAN = 64
+#: seconds a receiver's whole share must have been busy for it to count as slow
+SLOW_AFTER = 1.0
 USER_AGENT = "jobserver-webhooks/1"
 
 
@@ -189,12 +198,13 @@ class Deliverer:
         self.workers = config.callback_workers
         self.poll_interval = config.poll_interval
         self.lease_ms = int((self.timeout + CLAIM_MARGIN) * 1000)
+        self.share = max(1, self.workers // 2)  # deliveries in flight per receiver, at most
         self.verify_tls = True  # tests may point this at a CA bundle
         self.outcomes = {"delivered": 0, "failed": 0, "retried": 0}
-        self._session = _session(self.workers)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
+        self._in_flight = {}  # receiver -> start times (monotonic) of its deliveries in flight
         self._next_due = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -222,8 +232,6 @@ class Deliverer:
         self._executor.shutdown(wait=False, cancel_futures=True)
         if busy:
             log.warning("stopped with %d callback deliveries in flight; they are retried later", busy)
-        else:
-            self._session.close()
 
     def wake(self):
         """Look for due deliveries now."""
@@ -258,12 +266,15 @@ class Deliverer:
         return min(self.poll_interval, max(0.0, due - time.monotonic()))
 
     def _claim(self):
-        """Hand due rows to free threads; True if every free thread got one."""
+        """Hand due rows to free threads; True to look again at once (every free thread got
+        one, or a slow receiver's rows were put off and others may be behind them)."""
         free = self.workers - self._busy
         if free <= 0:
             return False
+        plan = _Plan(self, free)
         try:
-            rows = self.journal.claim_callbacks(free, self.lease_ms) if self.journal.callbacks_due() else []
+            rows = (self.journal.claim_callbacks(max(CLAIM_SCAN, free), self.lease_ms, choose=plan)
+                    if self.journal.callbacks_due() else [])
         except JobserverError as exc:
             log.warning("cannot claim callbacks (%s); trying again", exc)
             self._stopping.wait(self.poll_interval)
@@ -273,8 +284,19 @@ class Deliverer:
         for row in rows:
             with self._lock:
                 self._busy += 1
+                row["started"] = time.monotonic()
+                self._in_flight.setdefault(row["receiver"], []).append(row["started"])
             self._executor.submit(self._run, row)
-        return len(rows) == free
+        return len(rows) == free or plan.put_off > 0
+
+    def shares(self):
+        """(deliveries in flight per receiver, the receivers that are slow), as of now."""
+        now = time.monotonic()
+        with self._lock:
+            counts = {receiver: len(starts) for receiver, starts in self._in_flight.items()}
+            slow = {receiver for receiver, starts in self._in_flight.items()
+                    if len(starts) >= self.share and now - max(starts) >= SLOW_AFTER}
+        return counts, slow
 
     # --- one attempt ----------------------------------------------------------------
     def _run(self, row):
@@ -295,6 +317,10 @@ class Deliverer:
         finally:
             with self._idle:
                 self._busy -= 1
+                starts = self._in_flight[row["receiver"]]
+                starts.remove(row["started"])
+                if not starts:
+                    del self._in_flight[row["receiver"]]
                 self._idle.notify_all()
             self._wake.set()
 
@@ -336,48 +362,60 @@ class Deliverer:
             return None, "NameResolutionError", None
         except (InvalidCallback, JobNotFound) as exc:
             return None, type(exc).__name__, None
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   **webhook_headers(self.secret, row["id"], body)}
         try:
-            status, retry_after = self._post(target, row["id"], body)
-        except requests.RequestException as exc:
-            return None, type(exc).__name__, None
+            answer = post(target, headers, body, self.timeout, verify=self.verify_tls)
+        except PostFailed as exc:
+            return None, exc.name, None
         except Exception as exc:  # whatever it is, it counts as a failed attempt, not a lost one
             log.exception("job %s: callback %s: unexpected error sending", row["job_id"], row["id"])
             return None, type(exc).__name__, None
-        return status, (None if 200 <= status < 300 else f"HTTP {status}"), retry_after
-
-    def _post(self, target, msg_id, body):
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   **webhook_headers(self.secret, msg_id, body)}
-        prepared = self._session.prepare_request(requests.Request("POST", target.url, data=body,
-                                                                  headers=headers))
-        prepared.jobserver_target = target  # PinnedAdapter connects to the address just checked
-        started = time.monotonic()
-        response = self._session.send(prepared, timeout=self.timeout, allow_redirects=False,
-                                      stream=True, verify=self.verify_tls, proxies={})
-        try:
-            _drain(response, started + self.timeout)
-        except (urllib3.exceptions.HTTPError, OSError):
-            pass  # the status is what counts; a body cut short changes nothing
-        finally:
-            response.close()
-        return response.status_code, parse_retry_after(response.headers.get("Retry-After"))
+        status = answer.status
+        return (status, None if 200 <= status < 300 else f"HTTP {status}",
+                parse_retry_after(answer.headers.get("retry-after")))
 
 
-def _drain(response, deadline):
-    """Read at most MAX_RESPONSE bytes of the answer, and not past `deadline`; the body is ignored."""
-    read = 0
-    for chunk in response.raw.stream(8192, decode_content=False):
-        read += len(chunk)
-        if read >= MAX_RESPONSE or time.monotonic() > deadline:
-            break
+class _Plan:
+    """A claim's choice among due rows (called inside the claim's transaction, perhaps more
+    than once if it is retried, so it only reads the deliverer's state).
+
+    Up to `free` rows, in turn across receivers (soonest due first within each), none past
+    its receiver's share; and every row of a slow receiver, to put off by the timeout."""
+
+    def __init__(self, deliverer, free):
+        self.deliverer = deliverer
+        self.free = free
+        self.put_off = 0
+
+    def __call__(self, rows):
+        counts, slow = self.deliverer.shares()
+        queues = {}  # receiver -> its rows; a dict keeps the receivers in order of first due
+        for row in rows:
+            row["receiver"] = receiver_of(row["url"])
+            queues.setdefault(row["receiver"], []).append(row)
+        take = []
+        while queues and len(take) < self.free:
+            for receiver in list(queues):
+                if len(take) == self.free:
+                    break
+                if counts.get(receiver, 0) >= self.deliverer.share:
+                    del queues[receiver]
+                    continue
+                take.append(queues[receiver].pop(0))
+                counts[receiver] = counts.get(receiver, 0) + 1
+                if not queues[receiver]:
+                    del queues[receiver]
+        later = [row for row in rows if row["receiver"] in slow]  # at their share: none taken
+        self.put_off = len(later)
+        return take, later, int(self.deliverer.timeout * 1000)
 
 
-def _session(workers):
-    """A Session that ignores HTTP(S)_PROXY and .netrc and connects only to checked addresses."""
-    session = requests.Session()
-    session.trust_env = False
-    session.proxies = {}
-    adapter = PinnedAdapter(pool_connections=workers, pool_maxsize=workers, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def receiver_of(url):
+    """Whom a callback URL calls: "host:port" (the URL itself if it does not parse)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or SCHEMES.get(parts.scheme.lower())
+    except ValueError:
+        return url
+    return f"{(parts.hostname or '').lower()}:{port}"

@@ -461,15 +461,23 @@ class Journal:
         """True if a pending delivery is due; a read, so an idle deliverer takes no write lock."""
         return self._read(lambda cur: (cur.execute(self.sql.any_callback_due), cur.fetchone())[1]) is not None
 
-    def claim_callbacks(self, limit, lease_ms):
-        """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`."""
+    def claim_callbacks(self, limit, lease_ms, choose=None):
+        """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`.
+
+        `choose(rows)`, given up to `limit` due rows (soonest first), may pick: it returns
+        (take, later, later_ms), the rows to claim and rows to put off by `later_ms` (hidden
+        as a claim hides them, not returned). It runs inside the transaction: it must be
+        quick, and it may run again if the transaction is retried."""
         def op(cur):
             cur.execute(self.sql.due_callbacks, (limit,))
             rows = _rows(cur)
-            for row in rows:
+            take, later, later_ms = (rows, (), 0) if choose is None else choose(rows)
+            for row in later:
+                cur.execute(self.sql.claim_callback, (later_ms, row["id"]))
+            for row in take:
                 cur.execute(self.sql.claim_callback, (lease_ms, row["id"]))
                 row["claim_token"] += 1
-            return rows
+            return take
         return self._write(op)
 
     def record_callback(self, callback_id, token, state, last_error=None, retry_in_ms=0):
