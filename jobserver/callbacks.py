@@ -7,13 +7,8 @@ back), POSTs the public job on its own small thread pool, and records the outcom
 delivered, failed, or pending again at the next time of the schedule. Nothing here
 runs on a job worker or an HTTP request thread, so a slow receiver holds only a
 delivery thread, and at most for the callback timeout: that bounds the whole exchange
-(hookpost.py), however slowly the receiver answers.
-
-One receiver (host and port) has at most half of the delivery threads at a time, and a
-claim hands rows out in turn across receivers, so a slow receiver leaves the others
-threads of their own. Once a receiver is slow (its whole share busy for a second), its
-other due deliveries are put off by the callback timeout, so that claims reach the
-deliveries behind them.
+(hookpost.py), however slowly the receiver answers. And one receiver holds at most half
+of the delivery threads (shares.py), so a slow one leaves the others threads of their own.
 """
 import base64
 import binascii
@@ -28,13 +23,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
-from urllib.parse import urlsplit
 
 from .codec import dumps
 from .errors import InvalidCallback, JobNotFound, JobserverError
 from .hookpost import PostFailed, post
 from .journal import TERMINAL
-from .urlguard import SCHEMES, ForbiddenAddress, Unresolvable, UrlGuard
+from .shares import CLAIM_SCAN, Shares
+from .urlguard import ForbiddenAddress, Unresolvable, UrlGuard
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +40,6 @@ DEFAULT_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 JITTER = 0.1
 MAX_RETRY_AFTER = 24 * 3600
 CLAIM_MARGIN = 30.0
-#: due deliveries a claim looks at (soonest first) to find ones for receivers with threads free
-CLAIM_SCAN = 64
-#: seconds a receiver's whole share must have been busy for it to count as slow
-SLOW_AFTER = 1.0
 USER_AGENT = "jobserver-webhooks/1"
 
 
@@ -198,13 +189,12 @@ class Deliverer:
         self.workers = config.callback_workers
         self.poll_interval = config.poll_interval
         self.lease_ms = int((self.timeout + CLAIM_MARGIN) * 1000)
-        self.share = max(1, self.workers // 2)  # deliveries in flight per receiver, at most
+        self.shares = Shares(self.workers, put_off_ms=int(self.timeout * 1000))
         self.verify_tls = True  # tests may point this at a CA bundle
         self.outcomes = {"delivered": 0, "failed": 0, "retried": 0}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
-        self._in_flight = {}  # receiver -> start times (monotonic) of its deliveries in flight
         self._next_due = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -271,7 +261,7 @@ class Deliverer:
         free = self.workers - self._busy
         if free <= 0:
             return False
-        plan = _Plan(self, free)
+        plan = self.shares.plan(free)
         try:
             rows = (self.journal.claim_callbacks(max(CLAIM_SCAN, free), self.lease_ms, choose=plan)
                     if self.journal.callbacks_due() else [])
@@ -284,19 +274,9 @@ class Deliverer:
         for row in rows:
             with self._lock:
                 self._busy += 1
-                row["started"] = time.monotonic()
-                self._in_flight.setdefault(row["receiver"], []).append(row["started"])
+            self.shares.started(row)
             self._executor.submit(self._run, row)
         return len(rows) == free or plan.put_off > 0
-
-    def shares(self):
-        """(deliveries in flight per receiver, the receivers that are slow), as of now."""
-        now = time.monotonic()
-        with self._lock:
-            counts = {receiver: len(starts) for receiver, starts in self._in_flight.items()}
-            slow = {receiver for receiver, starts in self._in_flight.items()
-                    if len(starts) >= self.share and now - max(starts) >= SLOW_AFTER}
-        return counts, slow
 
     # --- one attempt ----------------------------------------------------------------
     def _run(self, row):
@@ -315,12 +295,9 @@ class Deliverer:
         except Exception:  # a bug here must not kill the thread nor lose the others
             log.exception("job %s: callback %s failed unexpectedly", job_id, msg_id)
         finally:
+            self.shares.finished(row)
             with self._idle:
                 self._busy -= 1
-                starts = self._in_flight[row["receiver"]]
-                starts.remove(row["started"])
-                if not starts:
-                    del self._in_flight[row["receiver"]]
                 self._idle.notify_all()
             self._wake.set()
 
@@ -375,47 +352,3 @@ class Deliverer:
         return (status, None if 200 <= status < 300 else f"HTTP {status}",
                 parse_retry_after(answer.headers.get("retry-after")))
 
-
-class _Plan:
-    """A claim's choice among due rows (called inside the claim's transaction, perhaps more
-    than once if it is retried, so it only reads the deliverer's state).
-
-    Up to `free` rows, in turn across receivers (soonest due first within each), none past
-    its receiver's share; and every row of a slow receiver, to put off by the timeout."""
-
-    def __init__(self, deliverer, free):
-        self.deliverer = deliverer
-        self.free = free
-        self.put_off = 0
-
-    def __call__(self, rows):
-        counts, slow = self.deliverer.shares()
-        queues = {}  # receiver -> its rows; a dict keeps the receivers in order of first due
-        for row in rows:
-            row["receiver"] = receiver_of(row["url"])
-            queues.setdefault(row["receiver"], []).append(row)
-        take = []
-        while queues and len(take) < self.free:
-            for receiver in list(queues):
-                if len(take) == self.free:
-                    break
-                if counts.get(receiver, 0) >= self.deliverer.share:
-                    del queues[receiver]
-                    continue
-                take.append(queues[receiver].pop(0))
-                counts[receiver] = counts.get(receiver, 0) + 1
-                if not queues[receiver]:
-                    del queues[receiver]
-        later = [row for row in rows if row["receiver"] in slow]  # at their share: none taken
-        self.put_off = len(later)
-        return take, later, int(self.deliverer.timeout * 1000)
-
-
-def receiver_of(url):
-    """Whom a callback URL calls: "host:port" (the URL itself if it does not parse)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or SCHEMES.get(parts.scheme.lower())
-    except ValueError:
-        return url
-    return f"{(parts.hostname or '').lower()}:{port}"

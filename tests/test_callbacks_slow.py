@@ -9,6 +9,7 @@ import pytest
 from callback_receiver import Receiver
 from conftest import wait_for
 
+from jobserver import shares
 from jobserver.server import JobServer
 from jobserver.tasks import Registry
 
@@ -150,6 +151,32 @@ def test_a_slow_receiver_does_not_starve_another(make_server, trickler):
         assert trickler.most_at_once <= 2  # half of the 4 delivery threads, at most
     finally:
         fast.close()
+
+
+def test_a_claim_takes_rows_in_turn_across_receivers_within_their_share(monkeypatch):
+    plan_for = shares.Shares(threads=4, put_off_ms=5000)  # a share of 2
+    rows = [{"url": url} for url in ["http://a.example/1"] * 5 + ["http://b.example:81/"] * 2
+            + ["HTTP://A.EXAMPLE:80/2", "https://a.example/"]]
+    take, later, _ms = plan_for.plan(4)(rows)
+    assert [row["receiver"] for row in take] == ["a.example:80", "b.example:81", "a.example:443",
+                                                 "a.example:80"]
+    assert later == []
+    first_take = take
+    for row in take:
+        plan_for.started(row)
+    monkeypatch.setattr(shares, "SLOW_AFTER", 0.0)  # busy "for long enough" at once
+    rows = [{"url": url} for url in ["http://a.example/1"] * 3 + ["http://c.example/"]]
+    take, later, later_ms = plan_for.plan(3)(rows)
+    # a.example:80 has its whole share in flight: its rows are put off; c's are taken
+    assert [row["receiver"] for row in take] == ["c.example:80"]
+    assert [row["receiver"] for row in later] == ["a.example:80"] * 3 and later_ms == 5000
+    # once its deliveries end, the receiver has its share again
+    assert plan_for.plan(0)(rows)[0] == []  # no thread free, nothing taken
+    for row in first_take:
+        plan_for.finished(row)
+    take, later, _ms = plan_for.plan(3)(rows)
+    assert [row["receiver"] for row in take] == ["a.example:80", "c.example:80", "a.example:80"]
+    assert later == []
 
 
 # --- the raw POST: what goes out, and answers that are odd -----------------------------
