@@ -11,6 +11,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pymysql
@@ -167,7 +168,12 @@ class SqliteDriver:
 
 
 _MYSQL_TRANSIENT = {1205, 1213, 1614}  # lock wait timeout, deadlock, rolled back
-_MYSQL_GONE = {2003, 2006, 2013, 2014, 2055, 1927, 1053, 1077}
+# the connection is lost: cannot connect, gone away, lost during a query, out of sync, lost,
+# killed, shutdown, server shutdown, and MySQL 8's "disconnected because of inactivity"
+_MYSQL_GONE = {2003, 2006, 2013, 2014, 2055, 1927, 1053, 1077, 4031}
+#: A pooled connection idle this long is pinged before it is lent (at most half the server's
+#: wait_timeout): one round trip, and only for a connection the server may have dropped.
+PING_IDLE_AFTER = 5.0
 
 
 class MysqlDriver:
@@ -176,6 +182,12 @@ class MysqlDriver:
     PyMySQL connections are not shared between threads; a connection that failed is
     thrown away and the next use makes a new one. Sessions run in UTC at READ COMMITTED,
     with FOUND_ROWS so that a guarded UPDATE reports the rows it matched.
+
+    The server drops sessions behind the pool's back (wait_timeout, a restart, KILL): an
+    idle reader is pinged before it is lent when it idled a few seconds or since before a
+    connection was found dead, and a read that finds its connection dead runs once more on
+    a new connection, so one dead connection costs no failed read and a run of them no
+    run of failed reads.
     """
 
     dialect = MysqlDialect
@@ -186,20 +198,28 @@ class MysqlDriver:
         self._params = dict(host=host, port=port, user=user, password=password, database=database,
                             autocommit=True, charset="utf8mb4", connect_timeout=5,
                             read_timeout=timeout, write_timeout=timeout, client_flag=CLIENT.FOUND_ROWS)
-        self._idle = queue.LifoQueue()
+        self._idle = queue.LifoQueue()  # (connection, monotonic time it was given back)
         self._slots = threading.BoundedSemaphore(pool_size)
         self._writer = None
         self._closed = False
+        self._ping_after = PING_IDLE_AFTER
+        self._lost_at = float("-inf")  # when a connection was last found dead
 
     def _connect(self):
+        conn = None
         try:
             conn = pymysql.connect(**self._params)
             with conn.cursor() as cur:
                 cur.execute("SET time_zone = '+00:00'")
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            return conn
+                cur.execute("SELECT @@wait_timeout")
+                wait_timeout = cur.fetchone()[0]
         except pymysql.err.MySQLError as exc:
+            if conn is not None:
+                _close_quietly(conn)
             raise JournalUnavailable(f"cannot connect to MySQL at {self._params['host']}: {exc}") from exc
+        self._ping_after = min(PING_IDLE_AFTER, int(wait_timeout) / 2)
+        return conn
 
     def read(self, fn):
         if self._closed:
@@ -211,22 +231,41 @@ class MysqlDriver:
         if not self._slots.acquire(timeout=10):
             raise JournalUnavailable("all journal connections are busy")
         try:
-            for attempt in (1, 2):  # an idle connection may have been closed by the server
-                try:
-                    conn = self._idle.get_nowait()
-                except queue.Empty:
-                    conn = self._connect()
+            conn = self._checkout()
+            for attempt in (1, 2):
                 try:
                     with conn.cursor() as cur:
                         result = fn(cur)
-                    self._idle.put(conn)
-                    return result
                 except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-                    conn.close()
-                    if attempt == 2 or _code(exc) not in _MYSQL_GONE:
+                    _close_quietly(conn)
+                    if attempt == 2 or not _lost(exc):
                         raise JournalUnavailable(f"journal read failed: {exc}") from exc
+                    self._lost_at = time.monotonic()  # its idle peers may be dead too: ping them
+                    conn = self._connect()  # once more on a new connection, not another pooled one
+                    continue
+                except BaseException:
+                    _close_quietly(conn)  # it may hold a half-read result
+                    raise
+                self._idle.put((conn, time.monotonic()))
+                return result
         finally:
             self._slots.release()
+
+    def _checkout(self):
+        """A pooled connection that answers, or a new one (the caller holds a slot)."""
+        while True:
+            try:
+                conn, since = self._idle.get_nowait()
+            except queue.Empty:
+                return self._connect()
+            if time.monotonic() - since < self._ping_after and since > self._lost_at:
+                return conn  # in use a moment ago and nothing seen dead since: no round trip
+            try:
+                conn.ping(reconnect=False)
+                return conn
+            except pymysql.err.MySQLError:
+                _close_quietly(conn)
+                self._lost_at = time.monotonic()
 
     def write_transaction(self, fn):
         conn = self._begin_on_writer()
@@ -237,15 +276,20 @@ class MysqlDriver:
         except BaseException as exc:
             self._rollback(conn)
             if isinstance(exc, pymysql.err.MySQLError):
-                code = _code(exc)
-                if code in _MYSQL_TRANSIENT:
-                    raise TransientError(str(exc)) from exc
-                if code in _MYSQL_GONE or isinstance(exc, pymysql.err.InterfaceError):
-                    self._writer = None
-                    conn.close()
-                    raise JournalUnavailable(f"journal write failed: {exc}") from exc
-                raise StatementError(str(exc)) from exc
+                raise self._write_error(conn, exc) from exc
             raise
+
+    def _write_error(self, conn, exc):
+        """The outcome a failed write transaction maps to; a lost connection is replaced."""
+        code = _code(exc)
+        if code in _MYSQL_TRANSIENT:
+            return TransientError(str(exc))
+        if _lost(exc):
+            self._writer = None
+            _close_quietly(conn)
+            self._lost_at = time.monotonic()
+            return JournalUnavailable(f"journal write failed: {exc}")
+        return StatementError(str(exc))
 
     def _begin_on_writer(self):
         """The writer connection with a transaction begun.
@@ -262,10 +306,7 @@ class MysqlDriver:
                 return conn
             except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
                 self._writer = None
-                try:
-                    conn.close()
-                except pymysql.err.Error:
-                    log.debug("closing a dead connection failed", exc_info=True)
+                _close_quietly(conn)
                 if attempt == 2:
                     raise JournalUnavailable(f"journal write failed: {exc}") from exc
                 log.info("the journal writer's connection was closed (%s); reconnecting", exc)
@@ -295,12 +336,24 @@ class MysqlDriver:
         self._closed = True
         while True:
             try:
-                self._idle.get_nowait().close()
+                _close_quietly(self._idle.get_nowait()[0])
             except queue.Empty:
                 break
         if self._writer is not None:
-            self._writer.close()
+            _close_quietly(self._writer)
             self._writer = None
+
+
+def _lost(exc):
+    """True if a PyMySQL error says the connection is gone (not that a statement failed)."""
+    return _code(exc) in _MYSQL_GONE or isinstance(exc, pymysql.err.InterfaceError)
+
+
+def _close_quietly(conn):
+    try:
+        conn.close()
+    except pymysql.err.Error:  # closing a dead connection may fail: it is dropped either way
+        log.debug("closing a MySQL connection failed", exc_info=True)
 
 
 def _code(exc):
