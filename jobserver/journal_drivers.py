@@ -1,10 +1,11 @@
 """Connections for the journal: SQLite (stdlib) and MySQL/MariaDB (PyMySQL).
 
 Each driver owns its dialect (the few SQL fragments that differ), its connections
-and the mapping of driver errors to three outcomes: `TransientError` (the batch may
-simply run again: busy, deadlock), `StatementError` (a statement was refused) and
-`JournalUnavailable` (the database cannot be reached). Nothing above the journal
-imports `sqlite3` or `pymysql`.
+and the mapping of driver errors to four outcomes: `TransientError` (the batch may
+simply run again: busy, deadlock), `StatementError` (a statement was refused),
+`WriteRefused` (a statement too large for the server: it would be refused on every
+retry) and `JournalUnavailable` (the database cannot be reached). Nothing above the
+journal imports `sqlite3` or `pymysql`.
 """
 import logging
 import os
@@ -15,10 +16,11 @@ import time
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pymysql
+import pymysql.cursors
 from pymysql.constants import CLIENT
 
 from .admission import waiting
-from .errors import JournalUnavailable
+from .errors import JournalUnavailable, WriteRefused
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,11 @@ class SqliteDriver:
                 raise StatementError(str(exc)) from exc
             raise
 
+    @staticmethod
+    def oversize(*texts):
+        """SQLite takes any document the codec allows: never a reason to refuse one."""
+        return None
+
     def close(self):
         self._closed = True
         with self._lock:
@@ -171,9 +178,43 @@ _MYSQL_TRANSIENT = {1205, 1213, 1614}  # lock wait timeout, deadlock, rolled bac
 # the connection is lost: cannot connect, gone away, lost during a query, out of sync, lost,
 # killed, shutdown, server shutdown, and MySQL 8's "disconnected because of inactivity"
 _MYSQL_GONE = {2003, 2006, 2013, 2014, 2055, 1927, 1053, 1077, 4031}
+# the server refused a statement for its size (the packet, or a value built in it)
+_MYSQL_TOO_LARGE = {1153, 1301}
 #: A pooled connection idle this long is pinged before it is lent (at most half the server's
 #: wait_timeout): one round trip, and only for a connection the server may have dropped.
 PING_IDLE_AFTER = 5.0
+#: Bytes of a packet that are not the statement's text (command byte, framing), with margin.
+PACKET_MARGIN = 1024
+#: Bytes of a statement besides the JSON documents it carries: its SQL text and the other
+#: values (ids, names, a callback URL), escaped.
+STATEMENT_MARGIN = 16 * 1024
+# what PyMySQL's escape_string doubles; JSON text holds only the backslash and the quotes
+_ESCAPED = ("\\", '"', "'", "\0", "\n", "\r", "\032")
+
+
+class _BoundedCursor(pymysql.cursors.Cursor):
+    """A cursor that refuses, before sending it, a statement over the server's max_allowed_packet.
+
+    The server would drop the connection mid-packet, which PyMySQL reports as 2006 "server has
+    gone away", the same as a dead server: the write would be retried for ever. The limit is
+    the connection's `max_allowed_packet`, set from the server's value when it connected."""
+
+    def execute(self, query, args=None):
+        if args is not None:
+            query = self.mogrify(query, args)
+        limit = self.connection.max_allowed_packet - PACKET_MARGIN
+        if len(query) * 4 > limit:  # a UTF-8 character is at most 4 bytes: only then count them
+            size = len(query) if not isinstance(query, str) or query.isascii() else len(query.encode())
+            if size > limit:
+                raise WriteRefused(f"a statement of {size} bytes is over the database's "
+                                   f"max_allowed_packet of {self.connection.max_allowed_packet} bytes")
+        return super().execute(query)
+
+    @property
+    def max_stmt_length(self):
+        """executemany() joins rows into statements up to this long: never over the packet."""
+        return min(pymysql.cursors.Cursor.max_stmt_length,
+                   self.connection.max_allowed_packet - PACKET_MARGIN)
 
 
 class MysqlDriver:
@@ -197,11 +238,13 @@ class MysqlDriver:
         self.url = url
         self._params = dict(host=host, port=port, user=user, password=password, database=database,
                             autocommit=True, charset="utf8mb4", connect_timeout=5,
-                            read_timeout=timeout, write_timeout=timeout, client_flag=CLIENT.FOUND_ROWS)
+                            read_timeout=timeout, write_timeout=timeout, client_flag=CLIENT.FOUND_ROWS,
+                            cursorclass=_BoundedCursor)
         self._idle = queue.LifoQueue()  # (connection, monotonic time it was given back)
         self._slots = threading.BoundedSemaphore(pool_size)
         self._writer = None
         self._closed = False
+        self._max_packet = None  # the server's max_allowed_packet, read at every connect
         self._ping_after = PING_IDLE_AFTER
         self._lost_at = float("-inf")  # when a connection was last found dead
 
@@ -212,14 +255,33 @@ class MysqlDriver:
             with conn.cursor() as cur:
                 cur.execute("SET time_zone = '+00:00'")
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                cur.execute("SELECT @@wait_timeout")
-                wait_timeout = cur.fetchone()[0]
+                cur.execute("SELECT @@max_allowed_packet, @@wait_timeout")
+                packet, wait_timeout = cur.fetchone()
         except pymysql.err.MySQLError as exc:
             if conn is not None:
                 _close_quietly(conn)
             raise JournalUnavailable(f"cannot connect to MySQL at {self._params['host']}: {exc}") from exc
+        conn.max_allowed_packet = self._max_packet = int(packet)
         self._ping_after = min(PING_IDLE_AFTER, int(wait_timeout) / 2)
         return conn
+
+    def oversize(self, *texts):
+        """Why one statement carrying these JSON texts (None for NULL) would be too large for
+        the server, or None if it fits.
+
+        PyMySQL escapes a backslash or a quote as two characters, and JSON text is ASCII, so
+        a text takes at most twice its length; the exact count is made only near the limit."""
+        if self._max_packet is None:
+            return None
+        room = self._max_packet - PACKET_MARGIN - STATEMENT_MARGIN
+        texts = [t for t in texts if t]
+        if 2 * sum(map(len, texts)) <= room:
+            return None
+        size = sum(len(t) + sum(t.count(c) for c in _ESCAPED) for t in texts)
+        if size <= room:
+            return None
+        return (f"{sum(map(len, texts)):,} bytes of JSON are {size:,} once escaped, more than one "
+                f"statement may carry (the database's max_allowed_packet is {self._max_packet:,} bytes)")
 
     def read(self, fn):
         if self._closed:
@@ -284,10 +346,12 @@ class MysqlDriver:
         code = _code(exc)
         if code in _MYSQL_TRANSIENT:
             return TransientError(str(exc))
-        if _lost(exc):
+        if code in _MYSQL_TOO_LARGE or _lost(exc):
             self._writer = None
             _close_quietly(conn)
             self._lost_at = time.monotonic()
+            if code in _MYSQL_TOO_LARGE:
+                return WriteRefused(f"the database refused a statement as too large: {exc}")
             return JournalUnavailable(f"journal write failed: {exc}")
         return StatementError(str(exc))
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .codec import MAX_DOCUMENT, dumps
-from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask
+from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask, WriteRefused
 from .ids import new_id
 from .journal import State
 from .tasks import JobContext
@@ -90,6 +90,7 @@ class _Run:
     ctx: JobContext
     deadline: float | None
     abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
+    refused: bool = False  # the journal refused its outcome for good; it is being failed instead
 
     @property
     def key(self):
@@ -401,6 +402,8 @@ class Pool:
         def on_done(_result, error):
             if error is None:
                 return self._settle(ticket, event)
+            if isinstance(error, WriteRefused):
+                return self._outcome_refused(run, ticket, error)
             if isinstance(error, JournalUnavailable) and not self._abandon.is_set():
                 log.warning("job %s: journal unavailable (%s); retrying in %.1f s", job_id, error, delay)
                 with self._lock:
@@ -415,9 +418,23 @@ class Pool:
             return self._settle(ticket, None)
         try:
             write(on_done)
+        except WriteRefused as exc:  # refused up front: the same as refused at commit
+            on_done(None, exc)
         except ServerClosed:
             log.error("job %s: outcome not recorded, the journal is closed; it will be recovered", job_id)
             self._settle(ticket, None)
+
+    def _outcome_refused(self, run, ticket, error):
+        """The journal refused an outcome for good (a result too large for the database):
+        retrying cannot help, so the job fails with the reason, a small error that fits."""
+        job_id = run.job["id"]
+        if run.refused:  # even the failure was refused: leave the job to recovery
+            log.error("job %s: its failure was refused too (%s); the job will be recovered", job_id, error)
+        else:
+            log.error("job %s: outcome refused by the journal (%s); failing the job", job_id, error)
+            run.refused = True
+            self._finish(run, State.FAILED, error=error_info(error, with_traceback=False))
+        self._settle(ticket, None)
 
     def _settle(self, ticket, event):
         with self._idle:
