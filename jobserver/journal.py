@@ -404,6 +404,23 @@ class Journal:
             return cur.rowcount == 1
         return self._write(op)
 
+    def give_back_unknown(self, node: str, known: set) -> list:
+        """Give back the jobs held under `node` whose (id, lease token) is not in `known`, with
+        neither their attempt nor a crash counted; returns their ids.
+
+        A claim whose COMMIT reached the server but whose reply was lost committed jobs that
+        nothing runs: left alone they would wait out their lease and count a crash each."""
+        def op(cur):
+            cur.execute(self.sql.held_by, (node,))
+            released = []
+            for job_id, token, _crashes in cur.fetchall():
+                if (job_id, token) not in known:
+                    cur.execute(self.sql.give_back, (job_id, token))
+                    if cur.rowcount:
+                        released.append(job_id)
+            return released
+        return self._write(op)
+
     def recover(self, max_crashes, worker_lost_error, new_callback_id, owner=None):
         """Requeue running jobs whose lease expired (or, with `owner`, that a dead node held).
 

@@ -127,6 +127,7 @@ class Pool:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._abandon = threading.Event()
+        self._claim_in_doubt = False  # a claim failed: it may have committed all the same
         self._executor = None
         self._dispatcher = None
 
@@ -259,14 +260,35 @@ class Pool:
         return wait
 
     def _claim(self):
+        if self._claim_in_doubt:
+            self._give_back_unknown_claims()
         with self._lock:
             free = self.workers - len(self._running)
         if free <= 0:
             return False
-        jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+        try:
+            jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+        except JournalUnavailable:
+            self._claim_in_doubt = True
+            raise
         for job in jobs:
             self._start_run(job)
         return len(jobs) == free
+
+    def _give_back_unknown_claims(self):
+        """After a claim that failed, give back the jobs held under this node id that no run
+        here holds. The connection may have been lost after the server committed the claim
+        (its reply lost): those jobs would wait out their lease with no runner, and be
+        counted as crashed. Runs on the dispatcher, the one thread that claims."""
+        with self._lock:
+            known = {run.key for run in self._running.values()}
+            known |= {run.key for run in self._finishing.values()}
+        released = self.journal.give_back_unknown(self.node_id, known)
+        self._claim_in_doubt = False
+        for job_id in released:
+            log.warning("job %s: claimed here but its commit was not confirmed; given back", job_id)
+        if released:
+            self._wake.set()
 
     def _start_run(self, job):
         timeout = job.get("timeout")

@@ -13,6 +13,7 @@ import getpass
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -339,6 +340,153 @@ def test_a_result_at_the_document_cap_fails_its_job_on_a_default_server(mysql_ur
     with JobServer(mysql_url, tasks=_big_result_tasks(), **FAST) as server:
         job_id = server.submit("t.big", {"size": 8 * 2**20})
         _assert_refused_and_server_works(server, job_id)
+
+
+# --- a claim whose COMMIT reply was lost -----------------------------------------------------
+class CommitReplyCutter:
+    """A MySQL-aware TCP relay: once armed, the COMMIT of the next transaction that claimed a
+    job reaches the server (which commits it), and the reply is dropped with the connection.
+
+    It reads the client's command packets (3-byte length, sequence number, command byte;
+    0x03 is a query) to see the claim's UPDATE and the COMMIT that follows it."""
+
+    CLAIM = b"UPDATE jobs SET state = 'running'"
+
+    def __init__(self, target):
+        self.target = target
+        self.armed = threading.Event()
+        self.cuts = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, url):
+        p = urlparse(url)
+        auth = p.username + (f":{p.password}" if p.password else "")
+        return urlunparse(p._replace(netloc=f"{auth}@127.0.0.1:{self.port}"))
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            state = {"claimed": False, "swallow": False, "pumps": 2, "lock": threading.Lock()}
+            threading.Thread(target=self._requests, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, client, state), daemon=True).start()
+
+    def _requests(self, src, dst, state):
+        buffer = b""
+        try:
+            while data := src.recv(65536):
+                buffer += data
+                while len(buffer) >= 4:
+                    length = struct.unpack("<I", buffer[:3] + b"\0")[0]
+                    if len(buffer) < 4 + length:
+                        break
+                    packet, buffer = buffer[:4 + length], buffer[4 + length:]
+                    self._inspect(packet, state)
+                    dst.sendall(packet)
+        except OSError:
+            pass
+        self._done(src, dst, state)
+
+    def _inspect(self, packet, state):
+        if packet[3] != 0 or packet[4:5] != b"\x03":  # only a query that opens a command
+            return
+        query = packet[5:]
+        if query.startswith(self.CLAIM):
+            state["claimed"] = True
+        elif query in (b"COMMIT", b"ROLLBACK"):
+            if query == b"COMMIT" and state["claimed"] and self.armed.is_set():
+                self.armed.clear()
+                state["swallow"] = True  # before the COMMIT is sent: its reply is the next data
+            state["claimed"] = False
+
+    def _replies(self, src, dst, state):
+        try:
+            while data := src.recv(65536):
+                if state["swallow"]:  # the server committed; the client never hears so
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._done(src, dst, state)
+
+    @staticmethod
+    def _done(src, dst, state):
+        """One direction ended: end the other (shutdown wakes its recv); the last one closes."""
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with state["lock"]:
+            state["pumps"] -= 1
+            last = state["pumps"] == 0
+        if last:
+            src.close()
+            dst.close()
+
+    def close(self):
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self._listener.close()
+
+
+def test_a_claim_whose_commit_reply_was_lost_is_given_back_without_a_crash(mysql_url):
+    p = urlparse(mysql_url)
+    proxy = CommitReplyCutter((p.hostname, p.port or 3306))
+    registry, runs = Registry(), []
+
+    @registry.task("t.once")
+    def once(ctx):
+        runs.append(ctx.attempt)
+        return "ran"
+
+    try:
+        with JobServer(proxy.url(mysql_url), tasks=registry, **dict(FAST, workers=1)) as server:
+            proxy.armed.set()
+            started = time.monotonic()
+            job_id = server.submit("t.once")
+            job = _finished(server, job_id, timeout=30)
+            took = time.monotonic() - started
+            row = server.journal.get_job(job_id)
+        assert proxy.cuts == 1, "the claim's COMMIT reply was not cut"
+        assert (job["state"], job["result"], runs) == ("succeeded", "ran", [1])
+        assert (row["attempts"], row["crashes"]) == (1, 0), "the lost claim was counted as a crash"
+        assert took < FAST["lease_seconds"], "the job waited for its lease to run out"
+    finally:
+        proxy.close()
+
+
+def test_jobs_held_under_this_node_that_it_does_not_run_are_given_back(db_url):
+    """The recovery after a claim in doubt, on both journals: a job held under our node id
+    with a lease we do not know goes back to the queue, with neither an attempt nor a crash."""
+    j = open_journal(db_url)
+    try:
+        [(held, _)] = j.insert_jobs([_job()])
+        [(ours, _)] = j.insert_jobs([_job()])
+        [(other, _)] = j.insert_jobs([_job()])
+        claimed = {job["id"]: job for job in j.claim("node-a", 2, 60_000)}
+        j.claim("node-b", 1, 60_000)
+        known = {(ours["id"], claimed[ours["id"]]["lease_token"])}
+        assert j.give_back_unknown("node-a", known) == [held["id"]]
+        assert [(r["state"], r["attempts"], r["crashes"]) for r in map(j.get_job, (held["id"],))] == [
+            ("queued", 0, 0)]
+        assert j.get_job(ours["id"])["state"] == "running"  # what we run is left alone
+        assert j.get_job(other["id"])["lease_owner"] == "node-b"  # and other nodes' jobs
+    finally:
+        j.close()
 
 
 def _job():
