@@ -445,4 +445,6 @@ def connect(url, **options):
         return MysqlDriver(url, host=parsed.hostname or "127.0.0.1", port=parsed.port or 3306,
                            user=unquote(parsed.username or "root"),
                            password=unquote(parsed.password or ""), database=database, **options)
-    raise ValueError(f"unsupported journal URL {url!r}: use sqlite:///path or mysql://user:pw@host/db")
+    # the scheme only: the URL may hold a password
+    raise ValueError(f"unsupported journal URL scheme {parsed.scheme!r}: "
+                     "use sqlite:///path or mysql://user:pw@host/db")

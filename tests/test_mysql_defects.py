@@ -493,3 +493,19 @@ def _job():
     return {"id": new_id(), "task": "t.echo", "owner": "alice", "params": "{}", "priority": 0,
             "max_retries": 0, "timeout": None, "callback_url": None, "idempotency_key": None,
             "request_hash": None}
+
+
+# --- no secret in an error ----------------------------------------------------------------------
+def test_no_error_from_the_driver_carries_the_password(mysql_url):
+    p = urlparse(mysql_url)
+    secret = "S3cretPW-" + uuid.uuid4().hex[:6]
+    wrong_password = urlunparse(p._replace(netloc=f"{p.username}:{secret}@{p.hostname}:{p.port or 3306}"))
+    nobody_listens = urlunparse(p._replace(netloc=f"{p.username}:{secret}@127.0.0.1:{_free_port()}"))
+    for url in (wrong_password, nobody_listens):
+        with pytest.raises(JournalUnavailable) as caught:
+            open_journal(url)
+        assert secret not in str(caught.value) and secret not in repr(caught.value.__cause__)
+    with pytest.raises(ValueError) as caught:
+        open_journal("mysq://" + wrong_password.split("://", 1)[1])
+    assert secret not in str(caught.value)
+
