@@ -198,6 +198,7 @@ def small_packet_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
