@@ -57,6 +57,10 @@ class JournalUnavailable(JobserverError):
     """The journal database cannot be reached or refused the operation; try again later."""
 
 
+class WriteRefused(JournalUnavailable):
+    """The database refused this write for good (too large, or malformed): retrying cannot help."""
+
+
 class ServerClosed(JobserverError):
     """The server is shutting down (or not started) and takes no new work."""
 

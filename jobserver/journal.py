@@ -19,7 +19,15 @@ from enum import Enum
 from . import journal_drivers as drivers
 from .admission import waiting
 from .codec import MAX_DOCUMENT, dumps, loads
-from .errors import IdempotencyConflict, InvalidTransition, JournalUnavailable, LeaseLost, ServerClosed
+from .errors import (
+    IdempotencyConflict,
+    InvalidJob,
+    InvalidTransition,
+    JournalUnavailable,
+    LeaseLost,
+    ServerClosed,
+    WriteRefused,
+)
 from .groupcommit import GroupCommitter
 from .journal_sql import JOB_COLUMNS, MIGRATIONS, SCHEMA_VERSION, Sql
 
@@ -120,6 +128,14 @@ class Journal:
         self._writer.cast(fn, on_done)
         return None
 
+    def _refuse_oversize(self, what, *texts):
+        """WriteRefused now, before queueing, for a write whose JSON documents the database
+        cannot take in one statement (MySQL's max_allowed_packet, counted escaped): sent,
+        it would be refused on every retry and, in a shared transaction, fail its batch-mates."""
+        reason = self.driver.oversize(*texts)
+        if reason is not None:
+            raise WriteRefused(f"{what} cannot be stored: {reason}")
+
     def _run_batch(self, batch):
         """Run a batch in one write transaction; retry it whole on a transient failure."""
         delay = 0.005
@@ -130,8 +146,10 @@ class Journal:
             except drivers.TransientError:
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 1.0)
-            except drivers.StatementError as exc:
+            except (drivers.StatementError, WriteRefused) as exc:
                 if len(batch) == 1:
+                    if isinstance(exc, WriteRefused):
+                        raise  # refused for good: the caller must not retry it as "unavailable"
                     raise JournalUnavailable(f"the journal refused the write: {exc.__cause__}") from exc
                 for op in batch:  # find the one that failed: run each alone
                     try:
@@ -194,8 +212,15 @@ class Journal:
         `delay_ms` in a job sets its run_at after the database's now. Returns a list of
         (row, created) pairs; an idempotency key already used by the same owner with
         the same request_hash gives the existing row and created=False, with another
-        hash IdempotencyConflict (and nothing of the batch is written).
+        hash IdempotencyConflict (and nothing of the batch is written). Params the database
+        cannot take (too large once escaped) are InvalidJob, and nothing is written.
         """
+        for job in jobs:
+            try:
+                self._refuse_oversize("'params'", job["params"])
+            except WriteRefused as exc:
+                raise InvalidJob(str(exc)) from None
+
         def op(cur):
             tx = self._tx
             if tx.now is None:
@@ -321,9 +346,11 @@ class Journal:
         Notes coalesce: while one is queued, a newer note replaces it, so a task that
         reports in a tight loop costs one UPDATE per commit, not one per call."""
         key = (job_id, token)
+        text = dumps(progress, MAX_DOCUMENT)
+        self._refuse_oversize("the progress note", text)
         with self._progress_lock:
             queued = key in self._progress
-            self._progress[key] = dumps(progress, MAX_DOCUMENT)
+            self._progress[key] = text
         if queued:
             return
         taken = []
@@ -343,11 +370,13 @@ class Journal:
     def finish(self, job_id, token, state, result=None, error=None, callback_id=None, on_done=None):
         """End a run in a terminal state; write its callback delivery in the same transaction.
 
-        Raises (or, with `on_done`, reports) LeaseLost if this run no longer holds the job."""
+        Raises (or, with `on_done`, reports) LeaseLost if this run no longer holds the job;
+        raises WriteRefused at once if the database cannot take the result."""
         state = State(state)
         assert state in TERMINAL
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
+        self._refuse_oversize("the job's result", result_text, error_text)
 
         def op(cur):
             cur.execute(self.sql.finish, (state.value, result_text, error_text, job_id, token))
@@ -360,6 +389,7 @@ class Journal:
     def requeue(self, job_id, token, delay_ms, error, on_done=None):
         """Put a failed run back in the queue for a retry after `delay_ms`."""
         text = dumps(error)
+        self._refuse_oversize("the job's error", text)
 
         def op(cur):
             cur.execute(self.sql.requeue, (text, delay_ms, job_id, token))
@@ -372,6 +402,23 @@ class Journal:
         def op(cur):
             cur.execute(self.sql.give_back, (job_id, token))
             return cur.rowcount == 1
+        return self._write(op)
+
+    def give_back_unknown(self, node: str, known: set) -> list:
+        """Give back the jobs held under `node` whose (id, lease token) is not in `known`, with
+        neither their attempt nor a crash counted; returns their ids.
+
+        A claim whose COMMIT reached the server but whose reply was lost committed jobs that
+        nothing runs: left alone they would wait out their lease and count a crash each."""
+        def op(cur):
+            cur.execute(self.sql.held_by, (node,))
+            released = []
+            for job_id, token, _crashes in cur.fetchall():
+                if (job_id, token) not in known:
+                    cur.execute(self.sql.give_back, (job_id, token))
+                    if cur.rowcount:
+                        released.append(job_id)
+            return released
         return self._write(op)
 
     def recover(self, max_crashes, worker_lost_error, new_callback_id, owner=None):
@@ -414,9 +461,11 @@ class Journal:
         self._writer.cast(op)
 
     def end_step(self, job_id, token, name, state, result=None, error=None):
-        """Record a step's outcome; returns once committed. Raises LeaseLost if fenced out."""
+        """Record a step's outcome; returns once committed. Raises LeaseLost if fenced out,
+        WriteRefused if the database cannot take its result."""
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
+        self._refuse_oversize(f"the result of step {name!r}", result_text, error_text)
 
         def op(cur):
             self._fence(cur, job_id, token)

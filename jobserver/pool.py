@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .codec import MAX_DOCUMENT, dumps
-from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask
+from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask, WriteRefused
 from .ids import new_id
 from .journal import State
 from .tasks import JobContext
@@ -90,6 +90,7 @@ class _Run:
     ctx: JobContext
     deadline: float | None
     abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
+    refused: bool = False  # the journal refused its outcome for good; it is being failed instead
 
     @property
     def key(self):
@@ -126,6 +127,7 @@ class Pool:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._abandon = threading.Event()
+        self._claim_in_doubt = False  # a claim failed: it may have committed all the same
         self._executor = None
         self._dispatcher = None
 
@@ -258,14 +260,35 @@ class Pool:
         return wait
 
     def _claim(self):
+        if self._claim_in_doubt:
+            self._give_back_unknown_claims()
         with self._lock:
             free = self.workers - len(self._running)
         if free <= 0:
             return False
-        jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+        try:
+            jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+        except JournalUnavailable:
+            self._claim_in_doubt = True
+            raise
         for job in jobs:
             self._start_run(job)
         return len(jobs) == free
+
+    def _give_back_unknown_claims(self):
+        """After a claim that failed, give back the jobs held under this node id that no run
+        here holds. The connection may have been lost after the server committed the claim
+        (its reply lost): those jobs would wait out their lease with no runner, and be
+        counted as crashed. Runs on the dispatcher, the one thread that claims."""
+        with self._lock:
+            known = {run.key for run in self._running.values()}
+            known |= {run.key for run in self._finishing.values()}
+        released = self.journal.give_back_unknown(self.node_id, known)
+        self._claim_in_doubt = False
+        for job_id in released:
+            log.warning("job %s: claimed here but its commit was not confirmed; given back", job_id)
+        if released:
+            self._wake.set()
 
     def _start_run(self, job):
         timeout = job.get("timeout")
@@ -401,6 +424,8 @@ class Pool:
         def on_done(_result, error):
             if error is None:
                 return self._settle(ticket, event)
+            if isinstance(error, WriteRefused):
+                return self._outcome_refused(run, ticket, error)
             if isinstance(error, JournalUnavailable) and not self._abandon.is_set():
                 log.warning("job %s: journal unavailable (%s); retrying in %.1f s", job_id, error, delay)
                 with self._lock:
@@ -415,9 +440,23 @@ class Pool:
             return self._settle(ticket, None)
         try:
             write(on_done)
+        except WriteRefused as exc:  # refused up front: the same as refused at commit
+            on_done(None, exc)
         except ServerClosed:
             log.error("job %s: outcome not recorded, the journal is closed; it will be recovered", job_id)
             self._settle(ticket, None)
+
+    def _outcome_refused(self, run, ticket, error):
+        """The journal refused an outcome for good (a result too large for the database):
+        retrying cannot help, so the job fails with the reason, a small error that fits."""
+        job_id = run.job["id"]
+        if run.refused:  # even the failure was refused: leave the job to recovery
+            log.error("job %s: its failure was refused too (%s); the job will be recovered", job_id, error)
+        else:
+            log.error("job %s: outcome refused by the journal (%s); failing the job", job_id, error)
+            run.refused = True
+            self._finish(run, State.FAILED, error=error_info(error, with_traceback=False))
+        self._settle(ticket, None)
 
     def _settle(self, ticket, event):
         with self._idle:
