@@ -15,7 +15,7 @@ import pymysql
 import pytest
 from conftest import wait_for
 
-from jobserver import JobServer, Registry
+from jobserver import InvalidJob, JobServer, Registry
 from jobserver.codec import dumps
 from jobserver.errors import JournalUnavailable, WriteRefused
 from jobserver.ids import new_id
@@ -282,3 +282,26 @@ def test_a_race_for_one_idempotency_key_between_two_servers_gives_one_job(mysql_
     finally:
         for server in servers:
             server.stop()
+
+
+def test_in_process_submits_refuse_strings_the_journal_cannot_store(db_url):
+    """HTTP refuses lone surrogates in its strict JSON; in process they reached the driver."""
+    registry = Registry()
+    registry.task("t.echo")(lambda ctx: None)
+    server = JobServer(db_url, tasks=registry)
+    try:
+        for spec in ({"idempotency_key": "k\ud800"}, {"callback_url": "https://example.com/\udfff"}):
+            with pytest.raises(InvalidJob):
+                server.submit("t.echo", **spec)
+        for owner in ("bob\ud800", "o" * 191, "", 7):
+            with pytest.raises(InvalidJob):
+                server.submit("t.echo", owner=owner)
+        deep = {}
+        for _ in range(100_000):
+            deep = {"d": deep}
+        with pytest.raises(InvalidJob):  # the JSON encoder's RecursionError reached the caller
+            server.submit("t.echo", deep)
+        kept = server.get(server.submit("t.echo", {"text": "caf\u00e9 \ud800"}, owner="o" * 190))
+        assert kept["params"] == {"text": "caf\u00e9 \ud800"}  # JSON text escapes it
+    finally:
+        server.stop()
