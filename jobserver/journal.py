@@ -514,14 +514,20 @@ class Journal:
             cur.execute(self.sql.start_step, (job_id, name, seq))
         self._writer.cast(op)
 
-    def end_step(self, job_id, token, name, state, result=None, error=None):
-        """Record a step's outcome; returns once committed. Raises LeaseLost if fenced out."""
+    def end_step(self, job_id, token, name, state, result=None, error=None, seq=0, elapsed_ms=0):
+        """Record a step's outcome; returns once committed, else raises (LeaseLost if fenced out).
+
+        The start record was not awaited and may have failed: then this writes the whole
+        row (`seq`, started `elapsed_ms` ago), so a step that returned is always recorded."""
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
 
         def op(cur):
             self._fence(cur, job_id, token)
             cur.execute(self.sql.end_step, (state, result_text, error_text, job_id, name))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.add_step, (job_id, name, seq, state, result_text, error_text,
+                                                max(0, int(elapsed_ms))))
         self._write(op)
 
     # --- user actions -----------------------------------------------------------------

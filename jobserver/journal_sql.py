@@ -190,6 +190,10 @@ class Sql:
         self.end_step = q(
             f"UPDATE steps SET state = ?, result = ?, error = ?, finished_at = {now} "
             "WHERE job_id = ? AND name = ?")
+        # the whole row, for an end whose start record never committed (started `?` ms ago)
+        self.add_step = q(
+            "INSERT INTO steps (job_id, name, seq, state, result, error, started_at, finished_at) "
+            f"VALUES (?, ?, ?, ?, ?, ?, {now} - ?, {now})")
         # callbacks
         self.add_callback = q(
             "INSERT INTO callbacks (id, job_id, url, state, attempts, next_at, created_at) "

@@ -305,3 +305,40 @@ def test_in_process_submits_refuse_strings_the_journal_cannot_store(db_url):
         assert kept["params"] == {"text": "caf\u00e9 \ud800"}  # JSON text escapes it
     finally:
         server.stop()
+
+
+# --- 2. a returned step is committed --------------------------------------------------------
+def test_a_step_that_returned_is_recorded_though_its_start_record_was_refused(db_url):
+    """The start record is queued without waiting; when it failed, end_step's UPDATE found no
+    row, step() returned as if checkpointed, and the next attempt ran the step again."""
+    journal = open_journal(db_url)
+    try:
+        refuse_when(db_url, "refuse_step_start", "steps", "INSERT", "NEW.state = 'running'")
+        job = running_job(journal)
+        calls = []
+        assert JobContext(job, journal).step("s", lambda: calls.append(1) or {"n": 1}) == {"n": 1}
+        step = journal.get_step(job["id"], "s")
+        assert step is not None and step["state"] == "succeeded"
+        assert JobContext(job, journal).step("s", lambda: calls.append(2)) == {"n": 1}
+        assert calls == [1]
+    finally:
+        journal.close()
+
+
+def test_a_step_start_lost_to_the_network_is_recorded_by_its_end(mysql_url):
+    """The start record's transaction fails (network cut); the end record writes the whole row."""
+    with proxied(mysql_url) as (url, proxy):
+        journal = open_journal(url)
+        try:
+            job = running_job(journal)
+            proxy.cut()
+            journal.start_step(job["id"], job["lease_token"], "s", 1)
+            with pytest.raises(JournalUnavailable):
+                barrier(journal)  # the start record's transaction has failed by now
+            proxy.resume()
+            journal.end_step(job["id"], job["lease_token"], "s", "succeeded", result=[1, 2])
+            step = journal.get_step(job["id"], "s")
+            assert step["state"] == "succeeded" and step["result"] == "[1,2]"
+            assert step["started_at"] <= step["finished_at"]
+        finally:
+            journal.close()
