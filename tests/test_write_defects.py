@@ -342,3 +342,60 @@ def test_a_step_start_lost_to_the_network_is_recorded_by_its_end(mysql_url):
             assert step["started_at"] <= step["finished_at"]
         finally:
             journal.close()
+
+
+# --- 3. an outcome write is never dropped ---------------------------------------------------
+def test_a_finish_the_journal_refuses_ends_the_job_failed_with_a_clear_error(db_url):
+    """A refused finish was retried for ever (the job stayed running); now it fails the job."""
+    registry = Registry()
+
+    @registry.task("t.poison")
+    def poison(ctx):
+        return "poison"
+
+    @registry.task("t.fine")
+    def fine(ctx):
+        return "fine"
+
+    server = JobServer(db_url, tasks=registry, workers=2, lease_seconds=5, **FAST)
+    refuse_when(db_url, "refuse_poison", "jobs", "UPDATE", "NEW.result = '\"poison\"'")
+    try:
+        server.start()
+        refused_id, fine_id = server.submit("t.poison"), server.submit("t.fine")
+        job = finished(server, refused_id)
+        assert (job["state"], job["result"]) == ("failed", None)
+        assert job["error"]["type"] == "OutcomeRefused" and job["error"]["message"]
+        assert finished(server, fine_id)["result"] == "fine"
+        assert server.pool.join(5)
+    finally:
+        server.stop()
+
+
+def test_a_finish_sharing_a_transaction_with_a_broken_op_is_recorded(db_url):
+    """A finish beside an op that raised outside the database failed with it, and the pool
+    dropped that error: the job stayed `running` and ran again after its lease."""
+    registry, release = Registry(), threading.Event()
+
+    @registry.task("t.gate")
+    def gate(ctx):
+        release.wait(20)
+        return "done"
+
+    server = JobServer(db_url, tasks=registry, workers=1, lease_seconds=30, **FAST)
+    try:
+        server.start()
+        job_id = server.submit("t.gate")
+        wait_for(lambda: server.get(job_id)["state"] == "running", message="the job to start")
+        with one_transaction(server.journal, expect=2):
+            release.set()  # the task returns: its finish is queued behind the hold
+            wait_for(lambda: not server.pool.running_ids(), message="the finish to be queued")
+            bad = Call(lambda: server.journal.insert_jobs([make_job(key="\udc80")]))
+            bad.start()
+        bad.result()
+        assert server.pool.join(10)
+        job = server.get(job_id)
+        assert (job["state"], job["result"], job["attempts"]) == ("succeeded", "done", 1)
+        assert isinstance(bad.error, WriteRefused)
+    finally:
+        release.set()
+        server.stop()
