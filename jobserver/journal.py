@@ -422,9 +422,10 @@ class Journal:
         Notes coalesce: while one is queued, a newer note replaces it, so a task that
         reports in a tight loop costs one UPDATE per commit, not one per call."""
         key = (job_id, token)
+        text = dumps(progress, MAX_DOCUMENT)
         with self._progress_lock:
             queued = key in self._progress
-            self._progress[key] = dumps(progress, MAX_DOCUMENT)
+            self._progress[key] = text
         if queued:
             return
         taken = []
@@ -434,7 +435,19 @@ class Journal:
                 with self._progress_lock:
                     taken.append(self._progress.pop(key))
             cur.execute(self.sql.progress, (taken[0], job_id, token))
-        self._writer.cast(op)
+
+        def on_done(_result, error):
+            if error is not None and not taken:
+                # the transaction failed before the op took its note: drop the note, or it
+                # would stay marked as queued and every later note would be dropped too
+                with self._progress_lock:
+                    self._progress.pop(key, None)
+        try:
+            self._writer.cast(op, on_done)
+        except ServerClosed:
+            with self._progress_lock:
+                self._progress.pop(key, None)
+            raise
 
     def _fence(self, cur, job_id, token):
         cur.execute(self.sql.touch, (job_id, token))

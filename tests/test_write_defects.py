@@ -399,3 +399,36 @@ def test_a_finish_sharing_a_transaction_with_a_broken_op_is_recorded(db_url):
     finally:
         release.set()
         server.stop()
+
+
+# --- 9. progress never freezes --------------------------------------------------------------
+def test_progress_moves_again_after_its_transaction_failed(journal):
+    """An op before the note raised, the note's op never ran, and the note stayed marked as
+    queued: every later note was dropped for good."""
+    job = running_job(journal)
+    with one_transaction(journal, expect=2):
+        bad = Call(lambda: journal.insert_jobs([make_job(key="\ud800")]))
+        bad.start()
+        wait_for(lambda: journal._writer._queue.qsize() >= 1, message="the broken op")
+        journal.set_progress(job["id"], job["lease_token"], {"done": 1})
+    bad.result()
+    journal.set_progress(job["id"], job["lease_token"], {"done": 2})
+    barrier(journal)
+    assert decode_job(journal.get_job(job["id"]))["progress"] == {"done": 2}
+
+
+def test_progress_moves_again_after_the_network_to_mariadb_was_cut(mysql_url):
+    with proxied(mysql_url) as (url, proxy):
+        journal = open_journal(url)
+        try:
+            job = running_job(journal)
+            proxy.cut()
+            journal.set_progress(job["id"], job["lease_token"], {"done": 1})
+            with pytest.raises(JournalUnavailable):
+                barrier(journal)
+            proxy.resume()
+            journal.set_progress(job["id"], job["lease_token"], {"done": 2})
+            barrier(journal)
+            assert decode_job(journal.get_job(job["id"]))["progress"] == {"done": 2}
+        finally:
+            journal.close()
