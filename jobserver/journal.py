@@ -437,7 +437,10 @@ class Journal:
             cur.execute(self.sql.progress, (taken[0], job_id, token))
 
         def on_done(_result, error):
-            if error is not None and not taken:
+            if error is None:
+                return
+            log.warning("progress note of job %s not written: %s", job_id, error)
+            if not taken:
                 # the transaction failed before the op took its note: drop the note, or it
                 # would stay marked as queued and every later note would be dropped too
                 with self._progress_lock:
