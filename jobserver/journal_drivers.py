@@ -70,8 +70,6 @@ class MysqlDialect:
             opts=" ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
 
 
-_SQLITE_REFUSALS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
-                    sqlite3.ProgrammingError, sqlite3.NotSupportedError)
 _SYNCHRONOUS = {level: f"PRAGMA synchronous = {level}" for level in ("FULL", "NORMAL", "EXTRA")}
 
 
@@ -86,13 +84,15 @@ class SqliteDriver:
 
     dialect = SqliteDialect
     integrity_errors = (sqlite3.IntegrityError,)
+    refusals = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                sqlite3.ProgrammingError, sqlite3.NotSupportedError)
 
-    @staticmethod
-    def refuses_statement(exc):
+    @classmethod
+    def refuses_statement(cls, exc):
         """True if `exc`, raised by one statement, refused that statement alone (a constraint,
         a value it cannot bind or store) and the transaction may go on; False for trouble of
         the transaction or the database (busy, I/O, read-only, corrupt)."""
-        return isinstance(exc, _SQLITE_REFUSALS) or not isinstance(exc, sqlite3.Error)
+        return isinstance(exc, cls.refusals) or not isinstance(exc, sqlite3.Error)
 
     def __init__(self, url, path, synchronous="FULL", busy_timeout_ms=10_000):
         if synchronous.upper() not in _SYNCHRONOUS:
@@ -177,10 +177,6 @@ class SqliteDriver:
 
 _MYSQL_TRANSIENT = {1205, 1213, 1614}  # lock wait timeout, deadlock, rolled back
 _MYSQL_GONE = {2003, 2006, 2013, 2014, 2055, 1927, 1053, 1077}
-# one statement refused for its data, besides PyMySQL's IntegrityError and DataError codes:
-# bad null, out of range, truncated, no default, incorrect string, too long, foreign keys,
-# a SIGNAL, a CHECK constraint (MySQL 8, MariaDB)
-_MYSQL_REFUSED = {1048, 1264, 1265, 1292, 1364, 1366, 1406, 1451, 1452, 1644, 3819, 4025}
 
 
 class MysqlDriver:
@@ -193,9 +189,13 @@ class MysqlDriver:
 
     dialect = MysqlDialect
     integrity_errors = (pymysql.err.IntegrityError,)
+    # one statement refused for its data, besides PyMySQL's IntegrityError and DataError: bad
+    # null, out of range, truncated, no default, incorrect string, too long, foreign keys, a
+    # SIGNAL, a CHECK constraint (MySQL 8, MariaDB)
+    refused_codes = frozenset({1048, 1264, 1265, 1292, 1364, 1366, 1406, 1451, 1452, 1644, 3819, 4025})
 
-    @staticmethod
-    def refuses_statement(exc):
+    @classmethod
+    def refuses_statement(cls, exc):
         """True if `exc`, raised by one statement, refused that statement alone for its data
         (a key, a constraint, a value the column cannot hold) and the transaction may go on,
         or was raised in Python (a string PyMySQL cannot encode). Anything else (busy, lost,
@@ -203,7 +203,7 @@ class MysqlDriver:
         if not isinstance(exc, pymysql.err.MySQLError):
             return True
         return (isinstance(exc, (pymysql.err.IntegrityError, pymysql.err.DataError))
-                or _code(exc) in _MYSQL_REFUSED)
+                or _code(exc) in cls.refused_codes)
 
     def __init__(self, url, host, port, user, password, database, pool_size=16, timeout=30):
         self.url = url
