@@ -57,10 +57,6 @@ class JournalUnavailable(JobserverError):
     """The journal database cannot be reached or refused the operation; try again later."""
 
 
-class WriteRefused(JournalUnavailable):
-    """The database refused this write for good (too large, or malformed): retrying cannot help."""
-
-
 class ServerClosed(JobserverError):
     """The server is shutting down (or not started) and takes no new work."""
 
@@ -79,3 +75,8 @@ class LeaseLost(JobserverError):
 
 class JobCancelled(JobserverError):
     """Raised inside a task by ctx.check_cancelled() when a cancel was requested."""
+
+
+class WriteRefused(JournalUnavailable):
+    """The database refused one write for good (a row it will not store, a statement it will
+    not take): running it again cannot succeed. The other writes of its transaction commit."""

@@ -9,6 +9,7 @@ share one transaction and one fsync. Every write of a running job is fenced by i
 lease token: `WHERE id=? AND state='running' AND lease_token=?`, row count checked.
 Times are integer milliseconds since the epoch, taken from the database's clock.
 """
+import functools
 import logging
 import operator
 import random
@@ -29,7 +30,7 @@ from .errors import (
     WriteRefused,
 )
 from .groupcommit import GroupCommitter
-from .journal_sql import JOB_COLUMNS, MIGRATIONS, SCHEMA_VERSION, Sql
+from .journal_sql import JOB_COLUMNS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
 
 __all__ = ["Journal", "open_journal", "State", "TERMINAL", "SCHEMA_VERSION", "decode_job"]
 
@@ -48,15 +49,26 @@ class State(str, Enum):
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
 
+_DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost)  # an op's own answer, not a failure
+_BATCH_ATTEMPTS = 12  # transient failures (busy, deadlock) of one batch before it gives up: ~6 s
+
+
 class _Tx:
     """What the operations of one write transaction share: the clock, read once, and the
-    job rows they submitted (with their idempotency keys), inserted together at the end."""
-    __slots__ = ("now", "rows", "keys")
+    job rows they submitted (with their idempotency keys), inserted together at the end —
+    or, `isolated`, each op's rows inside its own savepoint."""
+    __slots__ = ("now", "rows", "keys", "isolated")
 
-    def __init__(self):
+    def __init__(self, isolated):
         self.now = None
         self.rows = []
         self.keys = {}
+        self.isolated = isolated
+
+
+class _Isolate(Exception):
+    """One op of a shared transaction failed on its own: roll the transaction back and run
+    it again with each op under its own savepoint, so that op fails alone."""
 
 
 _STEP_KEYS = ("name", "state", "started_at", "finished_at")  # get_job_and_steps's step columns
@@ -137,58 +149,136 @@ class Journal:
             raise WriteRefused(f"{what} cannot be stored: {reason}")
 
     def _run_batch(self, batch):
-        """Run a batch in one write transaction; retry it whole on a transient failure."""
-        delay = 0.005
-        for _attempt in range(12):
+        """Run a batch in one write transaction, each op's failure its own.
+
+        The fast pass runs every op, then one INSERT for every job they submitted. If an
+        op fails on its own (the database refuses its statement, or it raises anything
+        else), that pass is rolled back and the batch runs again with each op under its
+        own savepoint: the op gets its error (WriteRefused), the others commit together.
+        A transient failure (busy, deadlock) runs the batch again after a backoff."""
+        isolated, delay = False, 0.005
+        for _attempt in range(_BATCH_ATTEMPTS):
             try:
-                self.driver.write_transaction(lambda cur: self._apply(batch, cur))
+                self.driver.write_transaction(functools.partial(self._apply, batch, isolated))
                 return
+            except _Isolate:
+                isolated = True
             except drivers.TransientError:
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 1.0)
             except (drivers.StatementError, WriteRefused) as exc:
-                if len(batch) == 1:
-                    if isinstance(exc, WriteRefused):
-                        raise  # refused for good: the caller must not retry it as "unavailable"
-                    raise JournalUnavailable(f"the journal refused the write: {exc.__cause__}") from exc
-                for op in batch:  # find the one that failed: run each alone
-                    try:
-                        self._run_batch([op])
-                    except JournalUnavailable as single:
-                        # only this op failed; the others ran (and committed) on their own
-                        op.error = single
+                # a refusal that took the transaction with it (no savepoint survives it)
+                self._run_alone(batch, exc)
                 return
         raise JournalUnavailable("the journal stayed busy; try again later")
 
-    def _apply(self, batch, cur):
-        """Run a batch's operations, then the job inserts they queued, as one statement."""
-        tx = self._tx = _Tx()
+    def _run_alone(self, batch, exc):
+        """Run each op of a batch in a transaction of its own, to find the one the database
+        refuses: only that op fails; each other op is reported as its own transaction ended."""
+        if len(batch) == 1:
+            if isinstance(exc, WriteRefused):
+                raise exc  # refused for good: the caller must not retry it as "unavailable"
+            cause = exc.__cause__
+            if cause is not None and self.driver.refuses_statement(cause):
+                raise _refused(cause)
+            raise JournalUnavailable(f"the journal refused the write: {cause}") from exc
+        for op in batch:
+            try:
+                self._run_batch([op])
+            except JournalUnavailable as single:
+                op.error = single
+
+    def _apply(self, batch, isolated, cur):
+        """Run a batch's operations, then the job inserts they queued, as one statement;
+        `isolated`, each op under its own savepoint with its inserts."""
+        tx = self._tx = _Tx(isolated)
         try:
+            if isolated:
+                for op in batch:
+                    self._apply_isolated(op, cur)
+                return
             for op in batch:
                 op.error = None
                 try:
                     op.result = op.fn(cur)
-                except (IdempotencyConflict, InvalidTransition, LeaseLost) as exc:
+                except _DOMAIN_ERRORS as exc:
                     op.error = exc
+                except Exception as exc:
+                    self._isolate_if_refused(exc)
             if tx.rows:
                 try:
                     cur.executemany(self.sql.insert_job, tx.rows)
-                except self.driver.integrity_errors as exc:
-                    # another process took one of our idempotency keys just now: run again
-                    raise drivers.TransientError() from exc
+                except Exception as exc:  # e.g. another process took one of our idempotency keys
+                    self._isolate_if_refused(exc)
         finally:
             self._tx = None
+
+    def _isolate_if_refused(self, exc):
+        """Raise _Isolate for one op's own failure; re-raise the transaction's (the driver
+        maps it: busy or deadlock run the batch again, a lost connection fails it)."""
+        if self.driver.refuses_statement(exc):
+            raise _Isolate() from exc
+        raise exc
+
+    def _apply_isolated(self, op, cur):
+        """Run one op under a savepoint: if it fails, only its own writes are undone.
+
+        A job insert that hits a unique key runs once more: another process has just
+        committed that idempotency key, and the op now finds it (a repeat, or a conflict)."""
+        for attempt in (1, 2):
+            op.error = None
+            cur.execute(self.sql.savepoint)
+            try:
+                op.result = op.fn(cur)
+            except Exception as exc:
+                if not isinstance(exc, _DOMAIN_ERRORS) and not self.driver.refuses_statement(exc):
+                    raise
+                self._roll_back_op(cur, exc)
+                if attempt == 1 and isinstance(exc, self.driver.integrity_errors):
+                    continue
+                op.error = exc if isinstance(exc, _DOMAIN_ERRORS) else _refused(exc)
+                return
+            cur.execute(self.sql.release_savepoint)
+            return
+
+    def _roll_back_op(self, cur, exc):
+        """Undo one op's writes. If the savepoint is gone, the refusal took the transaction
+        with it: raise it for the driver to map (then each op runs alone); after a domain
+        error, the rollback's own failure is the transaction's trouble."""
+        try:
+            cur.execute(self.sql.rollback_to_savepoint)
+            cur.execute(self.sql.release_savepoint)
+        except Exception:
+            if isinstance(exc, _DOMAIN_ERRORS):
+                raise
+            log.debug("rolling back to an op's savepoint failed", exc_info=True)
+            raise exc from None
 
     def _migrate(self):
         def migrate(cur):
             cur.execute(self.sql.version_table)
             cur.execute(self.sql.get_version)
             current = cur.fetchone()[0] or 0
+            names = {}  # what an engine's own statement names: {exact}, looked up once
             for version in sorted(v for v in MIGRATIONS if v > current):
                 for statement in MIGRATIONS[version]:
-                    cur.execute(self.dialect.ddl(statement))
+                    if not isinstance(statement, dict):
+                        cur.execute(self.dialect.ddl(statement))
+                    elif self.dialect.name in statement:
+                        if not names:
+                            names["exact"] = self._exact_collation(cur)
+                        cur.execute(statement[self.dialect.name].format(**names))
                 cur.execute(self.sql.set_version, (version,))
         self.driver.migrate(migrate)
+
+    def _exact_collation(self, cur):
+        """The MySQL server's NO PAD binary utf8mb4 collation (its name differs by server)."""
+        cur.execute(MYSQL_EXACT_COLLATION)
+        row = cur.fetchone()
+        if row is None:
+            raise JournalUnavailable("this MySQL server has no NO PAD binary collation "
+                                     "(MariaDB 10.2 or MySQL 8.0.17 and later have one)")
+        return row[0]
 
     def ping(self):
         """Raise JournalUnavailable unless the database answers."""
@@ -242,8 +332,12 @@ class Journal:
                 out.append((row, True))
                 fresh.append(_job_values(row))
             # nothing is written until every job of this submit passed: the batch's inserts
-            # go in as one statement at the end of the transaction
-            tx.rows.extend(fresh)
+            # go in as one statement at the end of the transaction (isolated: here, inside
+            # this op's savepoint)
+            if not tx.isolated:
+                tx.rows.extend(fresh)
+            elif fresh:
+                cur.executemany(self.sql.insert_job, fresh)
             tx.keys.update(keys)
             return out
         return self._write(op)
@@ -360,7 +454,22 @@ class Journal:
                 with self._progress_lock:
                     taken.append(self._progress.pop(key))
             cur.execute(self.sql.progress, (taken[0], job_id, token))
-        self._writer.cast(op)
+
+        def on_done(_result, error):
+            if error is None:
+                return
+            log.warning("progress note of job %s not written: %s", job_id, error)
+            if not taken:
+                # the transaction failed before the op took its note: drop the note, or it
+                # would stay marked as queued and every later note would be dropped too
+                with self._progress_lock:
+                    self._progress.pop(key, None)
+        try:
+            self._writer.cast(op, on_done)
+        except ServerClosed:
+            with self._progress_lock:
+                self._progress.pop(key, None)
+            raise
 
     def _fence(self, cur, job_id, token):
         cur.execute(self.sql.touch, (job_id, token))
@@ -460,9 +569,12 @@ class Journal:
             cur.execute(self.sql.start_step, (job_id, name, seq))
         self._writer.cast(op)
 
-    def end_step(self, job_id, token, name, state, result=None, error=None):
-        """Record a step's outcome; returns once committed. Raises LeaseLost if fenced out,
-        WriteRefused if the database cannot take its result."""
+    def end_step(self, job_id, token, name, state, result=None, error=None, seq=0, elapsed_ms=0):
+        """Record a step's outcome; returns once committed, else raises (LeaseLost if fenced out,
+        WriteRefused if the database cannot take its result).
+
+        The start record was not awaited and may have failed: then this writes the whole
+        row (`seq`, started `elapsed_ms` ago), so a step that returned is always recorded."""
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
         self._refuse_oversize(f"the result of step {name!r}", result_text, error_text)
@@ -470,6 +582,9 @@ class Journal:
         def op(cur):
             self._fence(cur, job_id, token)
             cur.execute(self.sql.end_step, (state, result_text, error_text, job_id, name))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.add_step, (job_id, name, seq, state, result_text, error_text,
+                                                max(0, int(elapsed_ms))))
         self._write(op)
 
     # --- user actions -----------------------------------------------------------------
@@ -584,6 +699,13 @@ class Journal:
 
     def projects_for(self, job_id):
         return self._read(lambda cur: (cur.execute(self.sql.get_projects, (job_id,)), _rows(cur))[1])
+
+
+def _refused(exc):
+    """WriteRefused for an op the database (or the driver) refused for good."""
+    error = WriteRefused(f"the journal refused the write ({type(exc).__name__}: {str(exc)[:300]})")
+    error.__cause__ = exc
+    return error
 
 
 def open_journal(url, **options):

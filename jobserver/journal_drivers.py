@@ -87,6 +87,15 @@ class SqliteDriver:
 
     dialect = SqliteDialect
     integrity_errors = (sqlite3.IntegrityError,)
+    refusals = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                sqlite3.ProgrammingError, sqlite3.NotSupportedError)
+
+    @classmethod
+    def refuses_statement(cls, exc):
+        """True if `exc`, raised by one statement, refused that statement alone (a constraint,
+        a value it cannot bind or store) and the transaction may go on; False for trouble of
+        the transaction or the database (busy, I/O, read-only, corrupt)."""
+        return isinstance(exc, cls.refusals) or not isinstance(exc, sqlite3.Error)
 
     def __init__(self, url, path, synchronous="FULL", busy_timeout_ms=10_000):
         if synchronous.upper() not in _SYNCHRONOUS:
@@ -233,6 +242,21 @@ class MysqlDriver:
 
     dialect = MysqlDialect
     integrity_errors = (pymysql.err.IntegrityError,)
+    # one statement refused for its data, besides PyMySQL's IntegrityError and DataError: bad
+    # null, out of range, truncated, no default, incorrect string, too long, foreign keys, a
+    # SIGNAL, a CHECK constraint (MySQL 8, MariaDB)
+    refused_codes = frozenset({1048, 1264, 1265, 1292, 1364, 1366, 1406, 1451, 1452, 1644, 3819, 4025})
+
+    @classmethod
+    def refuses_statement(cls, exc):
+        """True if `exc`, raised by one statement, refused that statement alone for its data
+        (a key, a constraint, a value the column cannot hold) and the transaction may go on,
+        or was raised in Python (a string PyMySQL cannot encode). Anything else (busy, lost,
+        read-only, denied) is the transaction's or the server's trouble."""
+        if not isinstance(exc, pymysql.err.MySQLError):
+            return True
+        return (isinstance(exc, (pymysql.err.IntegrityError, pymysql.err.DataError))
+                or _code(exc) in cls.refused_codes)
 
     def __init__(self, url, host, port, user, password, database, pool_size=16, timeout=30):
         self.url = url

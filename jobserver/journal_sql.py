@@ -6,7 +6,7 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 `journal.Journal` does.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 JOB_COLUMNS = ("id", "task", "owner", "state", "params", "priority", "attempts", "max_retries",
                "timeout", "run_at", "lease_owner", "lease_token", "lease_expires", "crashes",
@@ -15,7 +15,8 @@ JOB_COLUMNS = ("id", "task", "owner", "state", "params", "priority", "attempts",
 _COLS = ", ".join(JOB_COLUMNS)
 
 # --- schema ---------------------------------------------------------------------------
-# {text} is a column for JSON documents, {opts} the table options; both come from the dialect.
+# A text entry runs on every engine: {text} is a column for JSON documents, {opts} the table
+# options, both from the dialect. A dict entry is one engine's own statement, by dialect name.
 MIGRATIONS = {
     1: [
         """CREATE TABLE IF NOT EXISTS jobs (
@@ -91,7 +92,19 @@ MIGRATIONS = {
             created_at BIGINT NOT NULL
         ){opts}""",
     ],
+    # MySQL's utf8mb4_bin is PAD SPACE: 'k' and 'k ' compared equal, so the unique index made
+    # them one idempotency key (and 'alice ' listed alice's jobs, step 'a ' replayed step 'a').
+    # Every table moves to the server's NO PAD binary collation ({exact}: utf8mb4_nopad_bin on
+    # MariaDB, utf8mb4_0900_bin on MySQL 8), which compares as SQLite's BINARY already does.
+    # This rebuilds each table once: on a large journal it takes a while, under a lock.
+    2: [{"mysql": f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {{exact}}"}
+        for table in ("jobs", "steps", "callbacks", "tokens", "settings", "projects")],
 }
+
+# {exact} of a MySQL migration: the server's NO PAD binary utf8mb4 collation
+MYSQL_EXACT_COLLATION = (
+    "SELECT COLLATION_NAME FROM information_schema.COLLATIONS "
+    "WHERE COLLATION_NAME IN ('utf8mb4_nopad_bin', 'utf8mb4_0900_bin') ORDER BY COLLATION_NAME DESC")
 
 
 class Sql:
@@ -177,6 +190,10 @@ class Sql:
         self.end_step = q(
             f"UPDATE steps SET state = ?, result = ?, error = ?, finished_at = {now} "
             "WHERE job_id = ? AND name = ?")
+        # the whole row, for an end whose start record never committed (started `?` ms ago)
+        self.add_step = q(
+            "INSERT INTO steps (job_id, name, seq, state, result, error, started_at, finished_at) "
+            f"VALUES (?, ?, ?, ?, ?, ?, {now} - ?, {now})")
         # callbacks
         self.add_callback = q(
             "INSERT INTO callbacks (id, job_id, url, state, attempts, next_at, created_at) "
@@ -209,6 +226,10 @@ class Sql:
         self.add_project = q(
             f"INSERT INTO projects (projname, prodesc, job_id, created_at) VALUES (?, ?, ?, {now})")
         self.get_projects = q("SELECT projname, prodesc, job_id FROM projects WHERE job_id = ?")
+        # one op of a shared transaction, isolated from the others (after one of them failed)
+        self.savepoint = q("SAVEPOINT journal_op")
+        self.rollback_to_savepoint = q("ROLLBACK TO SAVEPOINT journal_op")
+        self.release_savepoint = q("RELEASE SAVEPOINT journal_op")
         # schema
         self.version_table = q("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         self.get_version = q("SELECT MAX(version) FROM schema_version")

@@ -84,13 +84,17 @@ def backoff_seconds(base, cap, failures):
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+class _Replacement:
+    """The ticket of a finish that replaces an outcome the journal refused (see _record)."""
+    __slots__ = ()
+
+
 @dataclass
 class _Run:
     job: dict
     ctx: JobContext
     deadline: float | None
     abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
-    refused: bool = False  # the journal refused its outcome for good; it is being failed instead
 
     @property
     def key(self):
@@ -404,9 +408,13 @@ class Pool:
         return self._finish(run, State.FAILED, error=error)
 
     def _finish(self, run, state, result=None, error=None):
+        self._record(run, *self._finish_write(run, state, result, error))
+
+    def _finish_write(self, run, state, result=None, error=None):
+        """(write, event) of a finish, for _record."""
         job_id = run.job["id"]
         callback_id = self._callback_id() if run.job.get("callback_url") else None
-        self._record(run, lambda on_done: self.journal.finish(
+        return (lambda on_done: self.journal.finish(
             job_id, run.ctx._token, state, result=result, error=error, callback_id=callback_id,
             on_done=on_done), ("state", job_id, {"state": state.value, "callback": callback_id is not None}))
 
@@ -415,8 +423,11 @@ class Pool:
         """Queue an outcome write without holding the worker thread.
 
         `write(on_done)` queues it in the journal's next group commit; once committed,
-        `event` is sent. While the journal is unreachable the dispatcher tries again with
-        backoff, so finished work is not dropped; at shutdown it is left to recovery."""
+        `event` is sent. An outcome is never dropped: a write that failed is tried again
+        by the dispatcher with backoff (the journal unreachable, or anything unforeseen);
+        one the journal refuses for good is replaced by a finish `failed` with an
+        OutcomeRefused error; one fenced out (LeaseLost) belongs to another run now. At
+        shutdown an unwritten outcome is left to recovery."""
         job_id, ticket = run.job["id"], ticket or object()
         with self._lock:
             self._finishing[ticket] = run  # kept through retries: its lease is still renewed
@@ -424,20 +435,20 @@ class Pool:
         def on_done(_result, error):
             if error is None:
                 return self._settle(ticket, event)
-            if isinstance(error, WriteRefused):
-                return self._outcome_refused(run, ticket, error)
-            if isinstance(error, JournalUnavailable) and not self._abandon.is_set():
-                log.warning("job %s: journal unavailable (%s); retrying in %.1f s", job_id, error, delay)
-                with self._lock:
-                    self._retries.append((time.monotonic() + delay, run, write, event,
-                                          min(delay * 2, 5.0), ticket))
-                self._wake.set()
-                return None
             if isinstance(error, LeaseLost):
                 log.warning("job %s: outcome not recorded, the run no longer holds the job", job_id)
-            else:
+                return self._settle(ticket, None)
+            if self._abandon.is_set() or isinstance(error, ServerClosed):
                 log.error("job %s: outcome not recorded (%s); the job will be recovered", job_id, error)
-            return self._settle(ticket, None)
+                return self._settle(ticket, None)
+            if isinstance(error, WriteRefused):
+                return self._replace_refused(run, ticket, error)
+            log.warning("job %s: outcome not recorded (%s); retrying in %.1f s", job_id, error, delay)
+            with self._lock:
+                self._retries.append((time.monotonic() + delay, run, write, event,
+                                      min(delay * 2, 5.0), ticket))
+            self._wake.set()
+            return None
         try:
             write(on_done)
         except WriteRefused as exc:  # refused up front: the same as refused at commit
@@ -446,17 +457,28 @@ class Pool:
             log.error("job %s: outcome not recorded, the journal is closed; it will be recovered", job_id)
             self._settle(ticket, None)
 
-    def _outcome_refused(self, run, ticket, error):
-        """The journal refused an outcome for good (a result too large for the database):
-        retrying cannot help, so the job fails with the reason, a small error that fits."""
+    def _replace_refused(self, run, ticket, error):
+        """The journal refused an outcome for good (it would be refused on every retry): end
+        the job `failed` with an OutcomeRefused error and no result instead, written by the
+        dispatcher as a retry is. If that is refused too, the job is left to recovery."""
         job_id = run.job["id"]
-        if run.refused:  # even the failure was refused: leave the job to recovery
-            log.error("job %s: its failure was refused too (%s); the job will be recovered", job_id, error)
-        else:
-            log.error("job %s: outcome refused by the journal (%s); failing the job", job_id, error)
-            run.refused = True
-            self._finish(run, State.FAILED, error=error_info(error, with_traceback=False))
-        self._settle(ticket, None)
+        if isinstance(ticket, _Replacement):
+            log.error("job %s: the journal refused its OutcomeRefused finish too (%s); "
+                      "the job will be recovered", job_id, error)
+            return self._settle(ticket, None)
+        log.error("job %s: the journal refused its outcome (%s); failing it with OutcomeRefused",
+                  job_id, error)
+        # the reason is the journal's own words about this job's data (too large, malformed)
+        info = {"type": "OutcomeRefused",
+                "message": f"the journal refused to store this job's outcome: {error}"[:MAX_MESSAGE]}
+        write, event = self._finish_write(run, State.FAILED, error=info)
+        replacement = _Replacement()
+        with self._lock:
+            self._finishing[replacement] = run
+            self._finishing.pop(ticket, None)
+            self._retries.append((time.monotonic(), run, write, event, 0.05, replacement))
+        self._wake.set()
+        return None
 
     def _settle(self, ticket, event):
         with self._idle:

@@ -10,7 +10,7 @@ import time
 
 from .admission import waiting
 from .callbacks import Deliverer
-from .codec import MAX_DOCUMENT, dumps, loads
+from .codec import MAX_DOCUMENT, dumps, loads, storable
 from .config import Config
 from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed
 from .ids import format_ms, new_id
@@ -27,6 +27,7 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 MAX_KEY = 190
 MAX_TASK = 200
+MAX_OWNER = 190  # the journal's owner column (a token's name)
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
 _UNSET = object()
 _STATE_NAMES = frozenset(s.value for s in State)
@@ -174,6 +175,8 @@ class JobServer:
             raise ServerClosed("the server is shutting down")
         if len(specs) > self.config.max_batch:
             raise InvalidJob(f"a batch holds at most {self.config.max_batch} jobs")
+        if not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER or not storable(owner):
+            raise InvalidJob(f"the owner must be a non-empty string of at most {MAX_OWNER} characters")
         prepared = [self._row(spec, owner) for spec in specs]  # (row, decoded params)
         self._check_depth(len(prepared))
         results = self.journal.insert_jobs([row for row, _params in prepared])
@@ -194,7 +197,7 @@ class JobServer:
             unknown = set(spec) - _FIELDS
             raise InvalidJob(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         task = spec.get("task")
-        if not isinstance(task, str) or not task or len(task) > MAX_TASK:
+        if not isinstance(task, str) or not task or len(task) > MAX_TASK or not storable(task):
             raise InvalidJob("'task' must be a non-empty string")
         task_spec = self.registry.get(task)
         params = spec.get("params", {})
@@ -203,9 +206,11 @@ class JobServer:
         if not isinstance(params, dict):
             raise InvalidJob("'params' must be an object")
         try:
-            params_text = dumps(params, MAX_DOCUMENT)
+            params_text = dumps(params, MAX_DOCUMENT)  # ASCII: a lone surrogate is escaped
         except (TypeError, ValueError) as exc:
             raise InvalidJob(f"'params' cannot be stored as JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidJob("'params' nests too deeply to be stored as JSON") from None
         key = _opt_str(spec, "idempotency_key", MAX_KEY)
         callback_url = _opt_str(spec, "callback_url", 2048)
         if callback_url is not None:
@@ -361,8 +366,10 @@ def _opt_str(spec, name, max_len):
     value = spec.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise InvalidJob(f"'{name}' must be a non-empty string of at most {max_len} characters")
+    if not isinstance(value, str) or not value or len(value) > max_len or not storable(value):
+        # a lone surrogate would make the driver raise inside the shared write transaction
+        raise InvalidJob(f"'{name}' must be a non-empty string of at most {max_len} characters "
+                         "(UTF-8: no lone surrogates)")
     return value
 
 

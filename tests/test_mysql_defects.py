@@ -237,11 +237,13 @@ def _big_result_tasks():
     return registry
 
 
-def _assert_refused_and_server_works(server, job_id):
+def _assert_refused_and_server_works(server, job_id, error_type="OutcomeRefused"):
+    """A refused outcome fails the job as OutcomeRefused; a refused step result raises
+    WriteRefused out of ctx.step() into the task, which fails with it."""
     started = time.monotonic()
     job = _finished(server, job_id, timeout=30)
     assert job["state"] == "failed", job["state"]
-    assert job["error"]["type"] == "WriteRefused"
+    assert job["error"]["type"] == error_type
     assert "max_allowed_packet" in job["error"]["message"]
     assert time.monotonic() - started < 20
     other = server.submit("t.echo", {"after": True})
@@ -266,7 +268,7 @@ def test_a_result_that_fits_only_unescaped_fails_but_one_that_fits_escaped_succe
 def test_a_step_result_too_large_once_escaped_fails_its_job(small_packet_url):
     with JobServer(small_packet_url, tasks=_big_result_tasks(), **FAST) as server:
         job_id = server.submit("t.big_step", {"size": 3 * 2**20})
-        _assert_refused_and_server_works(server, job_id)
+        _assert_refused_and_server_works(server, job_id, "WriteRefused")
 
 
 def test_params_too_large_once_escaped_are_an_invalid_job(small_packet_url):
