@@ -6,7 +6,9 @@ deliverers for the callback timeout plus a margin, so a crashed process's claims
 back), POSTs the public job on its own small thread pool, and records the outcome:
 delivered, failed, or pending again at the next time of the schedule. Nothing here
 runs on a job worker or an HTTP request thread, so a slow receiver holds only a
-delivery thread, and at most for the callback timeout per read.
+delivery thread, and at most for the callback timeout: that bounds the whole exchange
+(hookpost.py), however slowly the receiver answers. And one receiver holds at most half
+of the delivery threads (shares.py), so a slow one leaves the others threads of their own.
 """
 import base64
 import binascii
@@ -22,13 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
 
-import requests
-import urllib3
-
 from .codec import dumps
 from .errors import InvalidCallback, JobNotFound, JobserverError
+from .hookpost import PostFailed, post
 from .model import EventKind, JobEvent
-from .urlguard import ForbiddenAddress, PinnedAdapter, Unresolvable, UrlGuard
+from .shares import CLAIM_SCAN, Shares
+from .urlguard import ForbiddenAddress, Unresolvable, UrlGuard
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ MIN_KEY_BYTES = 16
 DEFAULT_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 JITTER = 0.1
 MAX_RETRY_AFTER = 24 * 3600
-MAX_RESPONSE = 64 * 1024
 CLAIM_MARGIN = 30.0
 USER_AGENT = "jobserver-webhooks/1"
 
@@ -191,9 +191,9 @@ class Deliverer:
         self.workers = config.callback_workers
         self.poll_interval = config.poll_interval
         self.lease_ms = int((self.timeout + CLAIM_MARGIN) * 1000)
+        self.shares = Shares(self.workers, put_off_ms=int(self.timeout * 1000))
         self.verify_tls = True  # tests may point this at a CA bundle
         self.outcomes = {"delivered": 0, "failed": 0, "retried": 0}
-        self._session = _session(self.workers)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
@@ -224,8 +224,6 @@ class Deliverer:
         self._executor.shutdown(wait=False, cancel_futures=True)
         if busy:
             log.warning("stopped with %d callback deliveries in flight; they are retried later", busy)
-        else:
-            self._session.close()
 
     def wake(self):
         """Look for due deliveries now."""
@@ -256,12 +254,15 @@ class Deliverer:
         return min(self.poll_interval, max(0.0, due - time.monotonic()))
 
     def _claim(self):
-        """Hand due rows to free threads; True if every free thread got one."""
+        """Hand due rows to free threads; True to look again at once (every free thread got
+        one, or a slow receiver's rows were put off and others may be behind them)."""
         free = self.workers - self._busy
         if free <= 0:
             return False
+        plan = self.shares.plan(free)
         try:
-            rows = self.journal.claim_callbacks(free, self.lease_ms) if self.journal.callbacks_due() else []
+            rows = (self.journal.claim_callbacks(max(CLAIM_SCAN, free), self.lease_ms, choose=plan)
+                    if self.journal.callbacks_due() else [])
         except JobserverError as exc:
             log.warning("cannot claim callbacks (%s); trying again", exc)
             self._stopping.wait(self.poll_interval)
@@ -271,8 +272,9 @@ class Deliverer:
         for row in rows:
             with self._lock:
                 self._busy += 1
+            self.shares.started(row)
             self._executor.submit(self._run, row)
-        return len(rows) == free
+        return len(rows) == free or plan.put_off > 0
 
     # --- one attempt ----------------------------------------------------------------
     def _run(self, row):
@@ -294,6 +296,7 @@ class Deliverer:
         except Exception:  # a bug here must not kill the thread nor lose the others
             log.exception("job %s: callback %s failed unexpectedly", job_id, msg_id)
         finally:
+            self.shares.finished(row)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
@@ -337,48 +340,16 @@ class Deliverer:
             return None, "NameResolutionError", None
         except (InvalidCallback, JobNotFound) as exc:
             return None, type(exc).__name__, None
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   **webhook_headers(self.secret, row["id"], body)}
         try:
-            status, retry_after = self._post(target, row["id"], body)
-        except requests.RequestException as exc:
-            return None, type(exc).__name__, None
+            answer = post(target, headers, body, self.timeout, verify=self.verify_tls)
+        except PostFailed as exc:
+            return None, exc.name, None
         except Exception as exc:  # whatever it is, it counts as a failed attempt, not a lost one
             log.exception("job %s: callback %s: unexpected error sending", row["job_id"], row["id"])
             return None, type(exc).__name__, None
-        return status, (None if 200 <= status < 300 else f"HTTP {status}"), retry_after
+        status = answer.status
+        return (status, None if 200 <= status < 300 else f"HTTP {status}",
+                parse_retry_after(answer.headers.get("retry-after")))
 
-    def _post(self, target, msg_id, body):
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   **webhook_headers(self.secret, msg_id, body)}
-        prepared = self._session.prepare_request(requests.Request("POST", target.url, data=body,
-                                                                  headers=headers))
-        prepared.jobserver_target = target  # PinnedAdapter connects to the address just checked
-        started = time.monotonic()
-        response = self._session.send(prepared, timeout=self.timeout, allow_redirects=False,
-                                      stream=True, verify=self.verify_tls, proxies={})
-        try:
-            _drain(response, started + self.timeout)
-        except (urllib3.exceptions.HTTPError, OSError):
-            pass  # the status is what counts; a body cut short changes nothing
-        finally:
-            response.close()
-        return response.status_code, parse_retry_after(response.headers.get("Retry-After"))
-
-
-def _drain(response, deadline):
-    """Read at most MAX_RESPONSE bytes of the answer, and not past `deadline`; the body is ignored."""
-    read = 0
-    for chunk in response.raw.stream(8192, decode_content=False):
-        read += len(chunk)
-        if read >= MAX_RESPONSE or time.monotonic() > deadline:
-            break
-
-
-def _session(workers):
-    """A Session that ignores HTTP(S)_PROXY and .netrc and connects only to checked addresses."""
-    session = requests.Session()
-    session.trust_env = False
-    session.proxies = {}
-    adapter = PinnedAdapter(pool_connections=workers, pool_maxsize=workers, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session

@@ -20,7 +20,7 @@ from .client import Client, ClientError, RemoteJobError
 from .config import Config
 from .errors import JobserverError
 from .http import create_app
-from .httpserver import create_http_server
+from .httpserver import create_http_server, raise_open_file_limit
 from .journal import open_journal
 from .server import JobServer
 
@@ -83,6 +83,10 @@ HTTP_FLAGS = (
     Flag("host", help="address to bind"),
     Flag("port", int, "port to bind"),
     Flag("threads", int, "waitress threads serving HTTP"),
+    Flag("max-connections", int, "HTTP connections open at once (lowered to fit the open-file limit)"),
+    Flag("idle-timeout", float, "seconds a connection may stay idle between requests"),
+    Flag("header-timeout", float, "seconds a client has to send a request's line and headers"),
+    Flag("body-timeout", float, "seconds a client has to send a whole request, body included"),
     Flag("insecure-open", _boolean, "allow a non-loopback host with no tokens (open mode)", switch=True),
 )
 
@@ -181,16 +185,29 @@ def serve(config):
         server.stop()
         print(f"jobserver: error: {refusal}", file=sys.stderr)
         return EXIT_USAGE
+    open_files = raise_open_file_limit()  # thousands of connections need more than 1,024
     try:
         # waitress buffers a whole body before the app sees it: bound that too, well above
         # max_body so that ordinary oversize bodies still get the app's problem+json 413
         http = create_http_server(create_app(server), host=config.host, port=config.port,
                                   threads=config.threads, ident="jobserver",
-                                  max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024))
+                                  max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024),
+                                  max_connections=config.max_connections,
+                                  idle_timeout=config.idle_timeout,
+                                  header_timeout=config.header_timeout,
+                                  body_timeout=config.body_timeout)
+    except ValueError as exc:
+        server.stop()
+        print(f"jobserver: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         server.stop()
         print(f"jobserver: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
+    limit = http.adj.connection_limit
+    if limit < config.max_connections:
+        log.warning("serving at most %s connections, not %s: the open-file limit is %s",
+                    limit, config.max_connections, open_files)
     server.start()
     GracefulExit(server, lambda: _thread.interrupt_main(signal.SIGINT)).install()
     host = f"[{config.host}]" if ":" in config.host else config.host

@@ -1,4 +1,4 @@
-"""JSON as the journal stores it: strict (no NaN, no Infinity) and canonical."""
+"""JSON as the journal stores it: strict (no NaN, no Infinity) and canonical; and which text it can store."""
 import json
 
 #: The largest document (params, result, step result, progress) the journal stores. MySQL's
@@ -22,3 +22,16 @@ def dumps(value, max_bytes=None):
 def loads(text):
     """The value of JSON text, with None for SQL NULL."""
     return None if text is None else json.loads(text)
+
+
+def storable(text):
+    """True if the journal can store `text` as a column: it goes to the database as UTF-8, which
+    a Python string holding a lone surrogate cannot be (strict JSON over HTTP never gives one;
+    in JSON text, dumps escapes it)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

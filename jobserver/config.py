@@ -31,6 +31,15 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     threads: int = 32
+    #: HTTP connections open at once (lowered to fit the open-file limit; more wait to be accepted)
+    max_connections: int = 10_000
+    #: seconds a connection may stay open between requests without sending a byte
+    idle_timeout: float = 60.0
+    #: seconds a client has to send a request's line and headers (from the connect, for the
+    #: first request on a connection; from the request's first byte, for later ones)
+    header_timeout: float = 10.0
+    #: seconds a client has to send a whole request, its body included (counted alike)
+    body_timeout: float = 60.0
     #: serve without tokens on a non-loopback address
     insecure_open: bool = False
     #: task modules to import at start (they register with @task)

@@ -75,3 +75,8 @@ class LeaseLost(JobserverError):
 
 class JobCancelled(JobserverError):
     """Raised inside a task by ctx.check_cancelled() when a cancel was requested."""
+
+
+class WriteRefused(JournalUnavailable):
+    """The database refused one write for good (a row it will not store, a statement it will
+    not take): running it again cannot succeed. The other writes of its transaction commit."""

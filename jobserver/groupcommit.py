@@ -40,9 +40,13 @@ class GroupCommitter:
     """Runs operations `fn(cursor) -> result` in shared write transactions.
 
     `run_batch(ops)` belongs to the journal: it opens a write transaction, calls each
-    op (recording per-op domain errors), commits, and retries the whole batch when the
-    database asks for it. Operations must therefore be pure database work, safe to
-    run again, and must raise a domain error only before their first write.
+    op, commits, and retries the whole batch when the database asks for it. An op's own
+    failure (a domain error, a statement the database refuses, any other exception) is
+    recorded on that op alone: the journal runs the batch again with each op under a
+    savepoint. Operations must therefore be pure database work, safe to run again, and
+    must raise a domain error only before their first write. What `run_batch` raises
+    fails every op of the batch: it is kept for the transaction's own trouble (the
+    database unreachable, busy for too long).
     """
 
     def __init__(self, run_batch, max_batch=500, name="jobserver-journal-writer"):

@@ -65,18 +65,23 @@ _READ_CHUNK = 64 * 1024
 _REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
 _encode = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 
-# exception class -> (status, problem name, title); the first match in this order wins
+# exception class -> (status, problem name, title, detail); the first match in this order
+# wins. A detail of None is the exception's message: these echo the caller's own input (an
+# id, a task name, a field) or the server's own fixed words. A text replaces a message
+# that may hold the server's insides (a database address, a driver's error): the client
+# gets the text and a request id, and the log gets the message under that id.
 _PROBLEMS = (
-    (JobNotFound, 404, "job-not-found", "Job not found"),
-    (UnknownTask, 422, "unknown-task", "Unknown task"),
-    (InvalidCallback, 422, "invalid-callback", "Callback URL refused"),
-    (InvalidJob, 400, "invalid-job", "Invalid job"),
-    (IdempotencyConflict, 409, "idempotency-conflict", "Idempotency key already used"),
-    (InvalidTransition, 409, "invalid-transition", "Not allowed in this state"),
-    (QueueFull, 429, "queue-full", "Queue full"),
-    (JournalUnavailable, 503, "unavailable", "Journal unavailable"),
-    (ServerClosed, 503, "unavailable", "Server shutting down"),
-    (Unauthorized, 401, "unauthorized", "Unauthorized"),
+    (JobNotFound, 404, "job-not-found", "Job not found", None),
+    (UnknownTask, 422, "unknown-task", "Unknown task", None),
+    (InvalidCallback, 422, "invalid-callback", "Callback URL refused", None),
+    (InvalidJob, 400, "invalid-job", "Invalid job", None),
+    (IdempotencyConflict, 409, "idempotency-conflict", "Idempotency key already used", None),
+    (InvalidTransition, 409, "invalid-transition", "Not allowed in this state", None),
+    (QueueFull, 429, "queue-full", "Queue full", None),
+    (JournalUnavailable, 503, "unavailable", "Journal unavailable",
+     "the journal is unavailable; try again later"),
+    (ServerClosed, 503, "unavailable", "Server shutting down", None),
+    (Unauthorized, 401, "unauthorized", "Unauthorized", None),
 )
 
 
@@ -180,10 +185,15 @@ def _http_error(exc):
 
 
 def _jobserver_error(exc):
-    for cls, status, name, title in _PROBLEMS:
+    for cls, status, name, title, detail in _PROBLEMS:
         if isinstance(exc, cls):
-            return problem(status, title, str(exc), f"urn:jobserver:problem:{name}",
-                           headers=_error_headers(exc, status), **_error_extra(exc))
+            extra = _error_extra(exc)
+            if detail is not None:  # the message stays in the log, under the request id
+                rid = extra["request_id"] = request_id()
+                log.warning("request %s: %s %s: %s", rid, request.method, request.path, exc)
+            return problem(status, title, str(exc) if detail is None else detail,
+                           f"urn:jobserver:problem:{name}", headers=_error_headers(exc, status),
+                           **extra)
     return _unexpected_error(exc)
 
 
@@ -314,10 +324,22 @@ class Api:
         return json_response({"tasks": self.server.tasks()})
 
     def healthz(self):
-        """GET /healthz: 200 while accepting work and the journal answers; else 503. No token."""
+        """GET /healthz: 200 while accepting work and the journal answers; else 503. No token:
+        anyone sees the status; the node id only an admin (a bad token is no error here)."""
         if not self.server.accepting:
             raise ServerClosed("the server is shutting down")
-        return json_response(self.server.health())
+        return json_response(self.server.health(details=self._caller_is_admin()))
+
+    def _caller_is_admin(self):
+        """True if the request carries an admin token (not a loopback test: behind a proxy
+        on the same box every caller would come from loopback)."""
+        authorization = request.environ.get("HTTP_AUTHORIZATION")
+        if not authorization:
+            return False
+        try:
+            return self.auth.identify(authorization).admin
+        except Unauthorized:
+            return False
 
     # --- request parsing --------------------------------------------------------------
     def _json_body(self):

@@ -11,6 +11,7 @@ Times are integer milliseconds since the epoch, taken from the database's clock.
 
 Reads give `model.Job` values; which state changes are allowed is model.TRANSITIONS.
 """
+import functools
 import logging
 import operator
 import random
@@ -22,10 +23,18 @@ from typing import NamedTuple
 from . import journal_drivers as drivers
 from .admission import waiting
 from .codec import MAX_DOCUMENT, dumps
-from .errors import IdempotencyConflict, InvalidTransition, JournalUnavailable, LeaseLost, ServerClosed
+from .errors import (
+    IdempotencyConflict,
+    InvalidJob,
+    InvalidTransition,
+    JournalUnavailable,
+    LeaseLost,
+    ServerClosed,
+    WriteRefused,
+)
 from .groupcommit import GroupCommitter
 from .ids import new_callback_id
-from .journal_sql import JOB_COLUMNS, MAX_IDS, MIGRATIONS, SCHEMA_VERSION, Sql
+from .journal_sql import JOB_COLUMNS, MAX_IDS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
 from .model import TERMINAL, TRANSITIONS, Action, Job, State, StepSummary
 
 __all__ = ["Journal", "open_journal", "Page", "Recovery", "UserTransaction", "State", "TERMINAL",
@@ -38,15 +47,26 @@ log = logging.getLogger(__name__)
 LONG_DECODE = 256 * 1024
 
 
+_DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost)  # an op's own answer, not a failure
+_BATCH_ATTEMPTS = 12  # transient failures (busy, deadlock) of one batch before it gives up: ~6 s
+
+
 class _Tx:
     """What the operations of one write transaction share: the clock, read once, and the
-    job rows they submitted (with their idempotency keys), inserted together at the end."""
-    __slots__ = ("now", "rows", "keys")
+    job rows they submitted (with their idempotency keys), inserted together at the end —
+    or, `isolated`, each op's rows inside its own savepoint."""
+    __slots__ = ("now", "rows", "keys", "isolated")
 
-    def __init__(self):
+    def __init__(self, isolated):
         self.now = None
         self.rows = []
         self.keys = {}
+        self.isolated = isolated
+
+
+class _Isolate(Exception):
+    """One op of a shared transaction failed on its own: roll the transaction back and run
+    it again with each op under its own savepoint, so that op fails alone."""
 
 
 _job_values = operator.itemgetter(*JOB_COLUMNS)  # a job dict as the INSERT's parameters
@@ -179,57 +199,145 @@ class Journal:
         self._writer.cast(fn, on_done)
         return None
 
+    def _refuse_oversize(self, what, *texts):
+        """WriteRefused now, before queueing, for a write whose JSON documents the database
+        cannot take in one statement (MySQL's max_allowed_packet, counted escaped): sent,
+        it would be refused on every retry and, in a shared transaction, fail its batch-mates."""
+        reason = self.driver.oversize(*texts)
+        if reason is not None:
+            raise WriteRefused(f"{what} cannot be stored: {reason}")
+
     def _run_batch(self, batch):
-        """Run a batch in one write transaction; retry it whole on a transient failure."""
-        delay = 0.005
-        for _attempt in range(12):
+        """Run a batch in one write transaction, each op's failure its own.
+
+        The fast pass runs every op, then one INSERT for every job they submitted. If an
+        op fails on its own (the database refuses its statement, or it raises anything
+        else), that pass is rolled back and the batch runs again with each op under its
+        own savepoint: the op gets its error (WriteRefused), the others commit together.
+        A transient failure (busy, deadlock) runs the batch again after a backoff."""
+        isolated, delay = False, 0.005
+        for _attempt in range(_BATCH_ATTEMPTS):
             try:
-                self.driver.write_transaction(lambda cur: self._apply(batch, cur))
+                self.driver.write_transaction(functools.partial(self._apply, batch, isolated))
                 return
+            except _Isolate:
+                isolated = True
             except drivers.TransientError:
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 1.0)
-            except drivers.StatementError as exc:
-                if len(batch) == 1:
-                    raise JournalUnavailable(f"the journal refused the write: {exc.__cause__}") from exc
-                for op in batch:  # find the one that failed: run each alone
-                    try:
-                        self._run_batch([op])
-                    except JournalUnavailable as single:
-                        # only this op failed; the others ran (and committed) on their own
-                        op.error = single
+            except (drivers.StatementError, WriteRefused) as exc:
+                # a refusal that took the transaction with it (no savepoint survives it)
+                self._run_alone(batch, exc)
                 return
         raise JournalUnavailable("the journal stayed busy; try again later")
 
-    def _apply(self, batch, cur):
-        """Run a batch's operations, then the job inserts they queued, as one statement."""
-        tx = self._tx = _Tx()
+    def _run_alone(self, batch, exc):
+        """Run each op of a batch in a transaction of its own, to find the one the database
+        refuses: only that op fails; each other op is reported as its own transaction ended."""
+        if len(batch) == 1:
+            if isinstance(exc, WriteRefused):
+                raise exc  # refused for good: the caller must not retry it as "unavailable"
+            cause = exc.__cause__
+            if cause is not None and self.driver.refuses_statement(cause):
+                raise _refused(cause)
+            raise JournalUnavailable(f"the journal refused the write: {cause}") from exc
+        for op in batch:
+            try:
+                self._run_batch([op])
+            except JournalUnavailable as single:
+                op.error = single
+
+    def _apply(self, batch, isolated, cur):
+        """Run a batch's operations, then the job inserts they queued, as one statement;
+        `isolated`, each op under its own savepoint with its inserts."""
+        tx = self._tx = _Tx(isolated)
         try:
+            if isolated:
+                for op in batch:
+                    self._apply_isolated(op, cur)
+                return
             for op in batch:
                 op.error = None
                 try:
                     op.result = op.fn(cur)
-                except (IdempotencyConflict, InvalidTransition, LeaseLost) as exc:
+                except _DOMAIN_ERRORS as exc:
                     op.error = exc
+                except Exception as exc:
+                    self._isolate_if_refused(exc)
             if tx.rows:
                 try:
                     cur.executemany(self.sql.insert_job, tx.rows)
-                except self.driver.integrity_errors as exc:
-                    # another process took one of our idempotency keys just now: run again
-                    raise drivers.TransientError() from exc
+                except Exception as exc:  # e.g. another process took one of our idempotency keys
+                    self._isolate_if_refused(exc)
         finally:
             self._tx = None
+
+    def _isolate_if_refused(self, exc):
+        """Raise _Isolate for one op's own failure; re-raise the transaction's (the driver
+        maps it: busy or deadlock run the batch again, a lost connection fails it)."""
+        if self.driver.refuses_statement(exc):
+            raise _Isolate() from exc
+        raise exc
+
+    def _apply_isolated(self, op, cur):
+        """Run one op under a savepoint: if it fails, only its own writes are undone.
+
+        A job insert that hits a unique key runs once more: another process has just
+        committed that idempotency key, and the op now finds it (a repeat, or a conflict)."""
+        for attempt in (1, 2):
+            op.error = None
+            cur.execute(self.sql.savepoint)
+            try:
+                op.result = op.fn(cur)
+            except Exception as exc:
+                if not isinstance(exc, _DOMAIN_ERRORS) and not self.driver.refuses_statement(exc):
+                    raise
+                self._roll_back_op(cur, exc)
+                if attempt == 1 and isinstance(exc, self.driver.integrity_errors):
+                    continue
+                op.error = exc if isinstance(exc, _DOMAIN_ERRORS) else _refused(exc)
+                return
+            cur.execute(self.sql.release_savepoint)
+            return
+
+    def _roll_back_op(self, cur, exc):
+        """Undo one op's writes. If the savepoint is gone, the refusal took the transaction
+        with it: raise it for the driver to map (then each op runs alone); after a domain
+        error, the rollback's own failure is the transaction's trouble."""
+        try:
+            cur.execute(self.sql.rollback_to_savepoint)
+            cur.execute(self.sql.release_savepoint)
+        except Exception:
+            if isinstance(exc, _DOMAIN_ERRORS):
+                raise
+            log.debug("rolling back to an op's savepoint failed", exc_info=True)
+            raise exc from None
 
     def _migrate(self):
         def migrate(cur):
             cur.execute(self.sql.version_table)
             cur.execute(self.sql.get_version)
             current = cur.fetchone()[0] or 0
+            names = {}  # what an engine's own statement names: {exact}, looked up once
             for version in sorted(v for v in MIGRATIONS if v > current):
                 for statement in MIGRATIONS[version]:
-                    cur.execute(self.dialect.ddl(statement))
+                    if not isinstance(statement, dict):
+                        cur.execute(self.dialect.ddl(statement))
+                    elif self.dialect.name in statement:
+                        if not names:
+                            names["exact"] = self._exact_collation(cur)
+                        cur.execute(statement[self.dialect.name].format(**names))
                 cur.execute(self.sql.set_version, (version,))
         self.driver.migrate(migrate)
+
+    def _exact_collation(self, cur):
+        """The MySQL server's NO PAD binary utf8mb4 collation (its name differs by server)."""
+        cur.execute(MYSQL_EXACT_COLLATION)
+        row = cur.fetchone()
+        if row is None:
+            raise JournalUnavailable("this MySQL server has no NO PAD binary collation "
+                                     "(MariaDB 10.2 or MySQL 8.0.17 and later have one)")
+        return row[0]
 
     def ping(self):
         """Raise JournalUnavailable unless the database answers; returns its clock in ms."""
@@ -254,8 +362,15 @@ class Journal:
         value its `params` text holds, spares the returned Job a decode. Returns a list of
         (Job, created) pairs; an idempotency key already used by the same owner with
         the same request_hash gives the existing job and created=False, with another
-        hash IdempotencyConflict (and nothing of the batch is written).
+        hash IdempotencyConflict (and nothing of the batch is written). Params the database
+        cannot take (too large once escaped) are InvalidJob, and nothing is written.
         """
+        for job in jobs:
+            try:
+                self._refuse_oversize("'params'", job["params"])
+            except WriteRefused as exc:
+                raise InvalidJob(str(exc)) from None
+
         def op(cur):
             tx = self._tx
             if tx.now is None:
@@ -279,8 +394,12 @@ class Journal:
                 out.append((made, True))
                 fresh.append(values)
             # nothing is written until every job of this submit passed: the batch's inserts
-            # go in as one statement at the end of the transaction
-            tx.rows.extend(fresh)
+            # go in as one statement at the end of the transaction (isolated: here, inside
+            # this op's savepoint)
+            if not tx.isolated:
+                tx.rows.extend(fresh)
+            elif fresh:
+                cur.executemany(self.sql.insert_job, fresh)
             tx.keys.update(keys)
             return out
         return self._write(op)
@@ -400,9 +519,11 @@ class Journal:
         Notes coalesce: while one is queued, a newer note replaces it, so a task that
         reports in a tight loop costs one UPDATE per commit, not one per call."""
         key = (job_id, token)
+        text = dumps(progress, MAX_DOCUMENT)
+        self._refuse_oversize("the progress note", text)
         with self._progress_lock:
             queued = key in self._progress
-            self._progress[key] = dumps(progress, MAX_DOCUMENT)
+            self._progress[key] = text
         if queued:
             return
         taken = []
@@ -412,7 +533,22 @@ class Journal:
                 with self._progress_lock:
                     taken.append(self._progress.pop(key))
             cur.execute(self.sql.progress, (taken[0], job_id, token))
-        self._writer.cast(op)
+
+        def on_done(_result, error):
+            if error is None:
+                return
+            log.warning("progress note of job %s not written: %s", job_id, error)
+            if not taken:
+                # the transaction failed before the op took its note: drop the note, or it
+                # would stay marked as queued and every later note would be dropped too
+                with self._progress_lock:
+                    self._progress.pop(key, None)
+        try:
+            self._writer.cast(op, on_done)
+        except ServerClosed:
+            with self._progress_lock:
+                self._progress.pop(key, None)
+            raise
 
     def _fence(self, cur, job_id, token):
         cur.execute(self.sql.touch, (job_id, token))
@@ -423,12 +559,14 @@ class Journal:
         """End a run in a terminal state; with `callback` (the job has a callback_url), write
         its callback delivery, under an id minted here, in the same transaction.
 
-        Raises (or, with `on_done`, reports) LeaseLost if this run no longer holds the job."""
+        Raises (or, with `on_done`, reports) LeaseLost if this run no longer holds the job;
+        raises WriteRefused at once if the database cannot take the result."""
         state = State(state)
         if state not in TRANSITIONS[Action.FINISH].targets:
             raise ValueError(f"a run ends succeeded, failed or cancelled, not {state.value}")
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
+        self._refuse_oversize("the job's result", result_text, error_text)
 
         def op(cur):
             cur.execute(self.sql.finish, (state.value, result_text, error_text, job_id, token))
@@ -441,6 +579,7 @@ class Journal:
     def requeue(self, job_id, token, delay_ms, error, on_done=None):
         """Put a failed run back in the queue for a retry after `delay_ms`."""
         text = dumps(error)
+        self._refuse_oversize("the job's error", text)
 
         def op(cur):
             cur.execute(self.sql.requeue, (text, delay_ms, job_id, token))
@@ -453,6 +592,23 @@ class Journal:
         def op(cur):
             cur.execute(self.sql.give_back, (job_id, token))
             return cur.rowcount == 1
+        return self._write(op)
+
+    def give_back_unknown(self, node: str, known: set) -> list:
+        """Give back the jobs held under `node` whose (id, lease token) is not in `known`, with
+        neither their attempt nor a crash counted; returns their ids.
+
+        A claim whose COMMIT reached the server but whose reply was lost committed jobs that
+        nothing runs: left alone they would wait out their lease and count a crash each."""
+        def op(cur):
+            cur.execute(self.sql.held_by, (node,))
+            released = []
+            for job_id, token, _crashes in cur.fetchall():
+                if (job_id, token) not in known:
+                    cur.execute(self.sql.give_back, (job_id, token))
+                    if cur.rowcount:
+                        released.append(job_id)
+            return released
         return self._write(op)
 
     def recover(self, max_crashes, worker_lost_error, owner=None):
@@ -495,14 +651,22 @@ class Journal:
             cur.execute(self.sql.start_step, (job_id, name, seq))
         self._writer.cast(op)
 
-    def end_step(self, job_id, token, name, state, result=None, error=None):
-        """Record a step's outcome; returns once committed. Raises LeaseLost if fenced out."""
+    def end_step(self, job_id, token, name, state, result=None, error=None, seq=0, elapsed_ms=0):
+        """Record a step's outcome; returns once committed, else raises (LeaseLost if fenced out,
+        WriteRefused if the database cannot take its result).
+
+        The start record was not awaited and may have failed: then this writes the whole
+        row (`seq`, started `elapsed_ms` ago), so a step that returned is always recorded."""
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
+        self._refuse_oversize(f"the result of step {name!r}", result_text, error_text)
 
         def op(cur):
             self._fence(cur, job_id, token)
             cur.execute(self.sql.end_step, (state, result_text, error_text, job_id, name))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.add_step, (job_id, name, seq, state, result_text, error_text,
+                                                max(0, int(elapsed_ms))))
         self._write(op)
 
     # --- user actions -----------------------------------------------------------------
@@ -540,14 +704,22 @@ class Journal:
         """True if a pending delivery is due; a read, so an idle deliverer takes no write lock."""
         return self._read(lambda cur: _fetch_one(cur, self.sql.any_callback_due)) is not None
 
-    def claim_callbacks(self, limit, lease_ms):
-        """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`."""
+    def claim_callbacks(self, limit, lease_ms, choose=None):
+        """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`.
+
+        `choose(rows)`, given up to `limit` due rows (soonest first), may pick: it returns
+        (take, later, later_ms), the rows to claim and rows to put off by `later_ms` (hidden
+        as a claim hides them, not returned). It runs inside the transaction: it must be
+        quick, and it may run again if the transaction is retried."""
         def op(cur):
             rows = _dicts(cur, self.sql.due_callbacks, (limit,))
-            for row in rows:
+            take, later, later_ms = (rows, (), 0) if choose is None else choose(rows)
+            for row in later:
+                cur.execute(self.sql.claim_callback, (later_ms, row["id"]))
+            for row in take:
                 cur.execute(self.sql.claim_callback, (lease_ms, row["id"]))
                 row["claim_token"] += 1
-            return rows
+            return take
         return self._write(op)
 
     def record_callback(self, callback_id, token, state, last_error=None, retry_in_ms=0):
@@ -613,6 +785,13 @@ class Journal:
             raise ServerClosed("the journal is closed")
         with self.driver.transaction() as cur:
             yield UserTransaction(cur, self.driver.paramstyle, self.dialect.name, self.dialect.translate)
+
+
+def _refused(exc):
+    """WriteRefused for an op the database (or the driver) refused for good."""
+    error = WriteRefused(f"the journal refused the write ({type(exc).__name__}: {str(exc)[:300]})")
+    error.__cause__ = exc
+    return error
 
 
 def open_journal(url, **options):

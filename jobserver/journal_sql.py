@@ -8,7 +8,7 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 
 from .model import JOB_FIELDS, TRANSITIONS, Action, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 JOB_COLUMNS = JOB_FIELDS  # every SELECT of a job lists these, in this order: Job.from_row reads them so
 _COLS = ", ".join(JOB_COLUMNS)
@@ -29,7 +29,8 @@ def entering(action):
     return f"state = '{target.value}'"
 
 # --- schema ---------------------------------------------------------------------------
-# {text} is a column for JSON documents, {opts} the table options; both come from the dialect.
+# A text entry runs on every engine: {text} is a column for JSON documents, {opts} the table
+# options, both from the dialect. A dict entry is one engine's own statement, by dialect name.
 MIGRATIONS = {
     1: [
         """CREATE TABLE IF NOT EXISTS jobs (
@@ -100,7 +101,21 @@ MIGRATIONS = {
         # until version 0.1 this migration also made the demo's `projects` table; journals
         # made then keep it (and its rows): demo.py creates the same table when it is missing
     ],
+    # MySQL's utf8mb4_bin is PAD SPACE: 'k' and 'k ' compared equal, so the unique index made
+    # them one idempotency key (and 'alice ' listed alice's jobs, step 'a ' replayed step 'a').
+    # Every table moves to the server's NO PAD binary collation ({exact}: utf8mb4_nopad_bin on
+    # MariaDB, utf8mb4_0900_bin on MySQL 8), which compares as SQLite's BINARY already does.
+    # This rebuilds each table once: on a large journal it takes a while, under a lock.
+    # (The demo's `projects` table, which journals made by version 1 hold, is the demo's
+    # own now: its collation is left alone.)
+    2: [{"mysql": f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {{exact}}"}
+        for table in ("jobs", "steps", "callbacks", "tokens", "settings")],
 }
+
+# {exact} of a MySQL migration: the server's NO PAD binary utf8mb4 collation
+MYSQL_EXACT_COLLATION = (
+    "SELECT COLLATION_NAME FROM information_schema.COLLATIONS "
+    "WHERE COLLATION_NAME IN ('utf8mb4_nopad_bin', 'utf8mb4_0900_bin') ORDER BY COLLATION_NAME DESC")
 
 
 class Sql:
@@ -187,6 +202,10 @@ class Sql:
         self.end_step = q(
             f"UPDATE steps SET state = ?, result = ?, error = ?, finished_at = {now} "
             "WHERE job_id = ? AND name = ?")
+        # the whole row, for an end whose start record never committed (started `?` ms ago)
+        self.add_step = q(
+            "INSERT INTO steps (job_id, name, seq, state, result, error, started_at, finished_at) "
+            f"VALUES (?, ?, ?, ?, ?, ?, {now} - ?, {now})")
         # callbacks
         self.add_callback = q(
             "INSERT INTO callbacks (id, job_id, url, state, attempts, next_at, created_at) "
@@ -216,6 +235,10 @@ class Sql:
         self.count_tokens = q("SELECT COUNT(*) FROM tokens")
         self.get_setting = q("SELECT value FROM settings WHERE name = ?")
         self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
+        # one op of a shared transaction, isolated from the others (after one of them failed)
+        self.savepoint = q("SAVEPOINT journal_op")
+        self.rollback_to_savepoint = q("ROLLBACK TO SAVEPOINT journal_op")
+        self.release_savepoint = q("RELEASE SAVEPOINT journal_op")
         # schema
         self.version_table = q("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         self.get_version = q("SELECT MAX(version) FROM schema_version")

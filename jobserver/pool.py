@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .codec import MAX_DOCUMENT, dumps
-from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask
+from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask, WriteRefused
 from .model import Job, JobEvent, State
 from .tasks import JobContext
 
@@ -83,6 +83,11 @@ def backoff_seconds(base, cap, failures):
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+class _Replacement:
+    """The ticket of a finish that replaces an outcome the journal refused (see _record)."""
+    __slots__ = ()
+
+
 @dataclass
 class _Run:
     job: Job  # as claimed: its lease_token is this run's
@@ -130,6 +135,7 @@ class Pool:
         self._claiming = threading.Lock()   # held through a claim and the start of its runs
         self._stopping = threading.Event()  # the dispatcher ends
         self._abandon = threading.Event()   # outcome writes that fail now are left to recovery
+        self._claim_in_doubt = False  # a claim failed: it may have committed all the same
         self._executor = None
         self._dispatcher = None
 
@@ -211,6 +217,11 @@ class Pool:
         if self._is_idle():
             self._idle.notify_all()
 
+    def running_ids(self):
+        """The ids of the jobs whose task functions run here now."""
+        with self._lock:
+            return [job_id for job_id, _token in self._running]
+
     def cancel_local(self, job_id):
         """Tell a job running in this process to stop now (the journal flag reaches others)."""
         with self._lock:
@@ -263,16 +274,37 @@ class Pool:
 
     def _claim(self):
         with self._claiming:
+            if self._claim_in_doubt:  # draining or not: those jobs must not wait out a lease
+                self._give_back_unknown_claims()
             if self._draining.is_set():
                 return False
             with self._lock:
                 free = self.workers - len(self._running)
             if free <= 0:
                 return False
-            jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+            try:
+                jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+            except JournalUnavailable:
+                self._claim_in_doubt = True
+                raise
             for job in jobs:
                 self._start_run(job)
             return len(jobs) == free
+
+    def _give_back_unknown_claims(self):
+        """After a claim that failed, give back the jobs held under this node id that no run
+        here holds. The connection may have been lost after the server committed the claim
+        (its reply lost): those jobs would wait out their lease with no runner, and be
+        counted as crashed. Runs on the dispatcher, the one thread that claims."""
+        with self._lock:
+            known = {run.key for run in self._running.values()}
+            known |= {run.key for run in self._finishing.values()}
+        released = self.journal.give_back_unknown(self.node_id, known)
+        self._claim_in_doubt = False
+        for job_id in released:
+            log.warning("job %s: claimed here but its commit was not confirmed; given back", job_id)
+        if released:
+            self._wake.set()
 
     def _start_run(self, job):
         timeout = job.effective_timeout(self.registry.default_timeout(job.task))
@@ -389,11 +421,15 @@ class Pool:
         return self._finish(run, State.FAILED, error=error)
 
     def _finish(self, run, state, result=None, error=None):
+        self._record(run, *self._finish_write(run, state, result, error))
+
+    def _finish_write(self, run, state, result=None, error=None):
+        """(write, event) of a finish, for _record."""
         job = run.job
         callback = job.callback_url is not None  # the journal writes its delivery, same transaction
         event = JobEvent.state_changed(job.id, state, error_type=None if error is None else error["type"],
                                        callback="pending" if callback else None)
-        self._record(run, lambda on_done: self.journal.finish(
+        return (lambda on_done: self.journal.finish(
             job.id, job.lease_token, state, result=result, error=error, callback=callback,
             on_done=on_done), event)
 
@@ -402,8 +438,11 @@ class Pool:
         """Queue an outcome write without holding the worker thread.
 
         `write(on_done)` queues it in the journal's next group commit; once committed,
-        `event` is sent. While the journal is unreachable the dispatcher tries again with
-        backoff, so finished work is not dropped; at shutdown it is left to recovery."""
+        `event` is sent. An outcome is never dropped: a write that failed is tried again
+        by the dispatcher with backoff (the journal unreachable, or anything unforeseen);
+        one the journal refuses for good is replaced by a finish `failed` with an
+        OutcomeRefused error; one fenced out (LeaseLost) belongs to another run now. At
+        shutdown an unwritten outcome is left to recovery."""
         job_id, ticket = run.job.id, ticket or object()
         with self._lock:
             self._finishing[ticket] = run  # kept through retries: its lease is still renewed
@@ -411,23 +450,50 @@ class Pool:
         def on_done(_result, error):
             if error is None:
                 return self._settle(ticket, event)
-            if isinstance(error, JournalUnavailable) and not self._abandon.is_set():
-                log.warning("job %s: journal unavailable (%s); retrying in %.1f s", job_id, error, delay)
-                with self._lock:
-                    self._retries.append((time.monotonic() + delay, run, write, event,
-                                          min(delay * 2, 5.0), ticket))
-                self._wake.set()
-                return None
             if isinstance(error, LeaseLost):
                 log.warning("job %s: outcome not recorded, the run no longer holds the job", job_id)
-            else:
+                return self._settle(ticket, None)
+            if self._abandon.is_set() or isinstance(error, ServerClosed):
                 log.error("job %s: outcome not recorded (%s); the job will be recovered", job_id, error)
-            return self._settle(ticket, None)
+                return self._settle(ticket, None)
+            if isinstance(error, WriteRefused):
+                return self._replace_refused(run, ticket, error)
+            log.warning("job %s: outcome not recorded (%s); retrying in %.1f s", job_id, error, delay)
+            with self._lock:
+                self._retries.append((time.monotonic() + delay, run, write, event,
+                                      min(delay * 2, 5.0), ticket))
+            self._wake.set()
+            return None
         try:
             write(on_done)
+        except WriteRefused as exc:  # refused up front: the same as refused at commit
+            on_done(None, exc)
         except ServerClosed:
             log.error("job %s: outcome not recorded, the journal is closed; it will be recovered", job_id)
             self._settle(ticket, None)
+
+    def _replace_refused(self, run, ticket, error):
+        """The journal refused an outcome for good (it would be refused on every retry): end
+        the job `failed` with an OutcomeRefused error and no result instead, written by the
+        dispatcher as a retry is. If that is refused too, the job is left to recovery."""
+        job_id = run.job.id
+        if isinstance(ticket, _Replacement):
+            log.error("job %s: the journal refused its OutcomeRefused finish too (%s); "
+                      "the job will be recovered", job_id, error)
+            return self._settle(ticket, None)
+        log.error("job %s: the journal refused its outcome (%s); failing it with OutcomeRefused",
+                  job_id, error)
+        # the reason is the journal's own words about this job's data (too large, malformed)
+        info = {"type": "OutcomeRefused",
+                "message": f"the journal refused to store this job's outcome: {error}"[:MAX_MESSAGE]}
+        write, event = self._finish_write(run, State.FAILED, error=info)
+        replacement = _Replacement()
+        with self._lock:
+            self._finishing[replacement] = run
+            self._finishing.pop(ticket, None)
+            self._retries.append((time.monotonic(), run, write, event, 0.05, replacement))
+        self._wake.set()
+        return None
 
     def _settle(self, ticket, event):
         with self._idle:

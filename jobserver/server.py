@@ -10,7 +10,7 @@ import time
 
 from .admission import waiting
 from .callbacks import Deliverer
-from .codec import MAX_DOCUMENT, dumps
+from .codec import MAX_DOCUMENT, dumps, storable
 from .config import Config
 from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed
 from .ids import new_id
@@ -28,6 +28,7 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 MAX_KEY = 190
 MAX_TASK = 200
+MAX_OWNER = 190  # the journal's owner column (a token's name)
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
 _STATE_NAMES = frozenset(s.value for s in State)
 _FIELDS = frozenset({"task", "params", "priority", "delay", "max_retries", "timeout",
@@ -177,6 +178,8 @@ class JobServer:
             raise ServerClosed("the server is shutting down")
         if len(specs) > self.config.max_batch:
             raise InvalidJob(f"a batch holds at most {self.config.max_batch} jobs")
+        if not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER or not storable(owner):
+            raise InvalidJob(f"the owner must be a non-empty string of at most {MAX_OWNER} characters")
         rows = [self._row(spec, owner) for spec in specs]  # each with its decoded params
         self._check_depth(len(rows))
         results = self.journal.insert_jobs(rows)
@@ -197,7 +200,7 @@ class JobServer:
             unknown = set(spec) - _FIELDS
             raise InvalidJob(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         task = spec.get("task")
-        if not isinstance(task, str) or not task or len(task) > MAX_TASK:
+        if not isinstance(task, str) or not task or len(task) > MAX_TASK or not storable(task):
             raise InvalidJob("'task' must be a non-empty string")
         task_spec = self.registry.get(task)
         params = spec.get("params", {})
@@ -206,9 +209,11 @@ class JobServer:
         if not isinstance(params, dict):
             raise InvalidJob("'params' must be an object")
         try:
-            params_text = dumps(params, MAX_DOCUMENT)
+            params_text = dumps(params, MAX_DOCUMENT)  # ASCII: a lone surrogate is escaped
         except (TypeError, ValueError) as exc:
             raise InvalidJob(f"'params' cannot be stored as JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidJob("'params' nests too deeply to be stored as JSON") from None
         key = _opt_str(spec, "idempotency_key", MAX_KEY)
         callback_url = _opt_str(spec, "callback_url", 2048)
         if callback_url is not None:
@@ -318,10 +323,15 @@ class JobServer:
     def tasks(self):
         return [dict(name=spec.name, **spec.options()) for spec in self.registry]
 
-    def health(self):
-        """Raises JournalUnavailable unless the journal answers."""
+    def health(self, details=False):
+        """{"status": "ok"} (or "stopping"); with `details`, also this process's node id
+        (host name and pid: for operators, not for anyone who asks). Raises
+        JournalUnavailable unless the journal answers."""
         self.journal.ping()
-        return {"status": "ok" if self.accepting else "stopping", "node": self.pool.node_id}
+        health = {"status": "ok" if self.accepting else "stopping"}
+        if details:
+            health["node"] = self.pool.node_id
+        return health
 
 def _plausible_id(job_id):
     return isinstance(job_id, str) and len(job_id) <= 64
@@ -331,8 +341,10 @@ def _opt_str(spec, name, max_len):
     value = spec.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise InvalidJob(f"'{name}' must be a non-empty string of at most {max_len} characters")
+    if not isinstance(value, str) or not value or len(value) > max_len or not storable(value):
+        # a lone surrogate would make the driver raise inside the shared write transaction
+        raise InvalidJob(f"'{name}' must be a non-empty string of at most {max_len} characters "
+                         "(UTF-8: no lone surrogates)")
     return value
 
 

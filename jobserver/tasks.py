@@ -3,7 +3,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .codec import MAX_DOCUMENT, dumps, loads
+from .codec import MAX_DOCUMENT, dumps, loads, storable
 from .errors import JobCancelled, UnknownTask
 from .model import JobEvent
 
@@ -138,25 +138,32 @@ class JobContext:
         If an earlier attempt finished this step, its recorded result is returned and `fn`
         is not called. The result must be JSON; it is committed before step() returns.
         Step names must be unique within a job."""
-        if not isinstance(name, str) or not name or len(name) > MAX_STEP_NAME:
+        if not isinstance(name, str) or not name or len(name) > MAX_STEP_NAME or not storable(name):
             # MySQL would refuse the row and the step would silently lose its checkpoint
-            raise ValueError(f"a step name is a non-empty string of at most {MAX_STEP_NAME} characters")
+            raise ValueError(f"a step name is a non-empty string of at most {MAX_STEP_NAME} characters "
+                             "(UTF-8: no lone surrogates)")
         self._step_seq += 1
+        seq = self._step_seq
         recorded = self._journal.get_step(self.job_id, name)
         if recorded is not None and recorded["state"] == "succeeded":
             return loads(recorded["result"])
         self.check_cancelled()
-        self._journal.start_step(self.job_id, self._token, name, self._step_seq)
+        started = time.monotonic()
+        # not awaited: the end record below writes the whole row if this one was lost, and
+        # it is awaited (a step that returned is committed; otherwise step() raises)
+        self._journal.start_step(self.job_id, self._token, name, seq)
         self._step_event(name, "running")
         try:
             result = fn(*args, **kwargs)
             dumps(result, MAX_DOCUMENT)  # refuse a result we could not replay, before recording success
         except BaseException as exc:
             self._journal.end_step(self.job_id, self._token, name, "failed",
-                                   error={"type": type(exc).__name__, "message": str(exc)[:2000]})
+                                   error={"type": type(exc).__name__, "message": str(exc)[:2000]},
+                                   seq=seq, elapsed_ms=(time.monotonic() - started) * 1000)
             self._step_event(name, "failed")
             raise
-        self._journal.end_step(self.job_id, self._token, name, "succeeded", result=result)
+        self._journal.end_step(self.job_id, self._token, name, "succeeded", result=result,
+                               seq=seq, elapsed_ms=(time.monotonic() - started) * 1000)
         self._step_event(name, "succeeded")
         return result
 

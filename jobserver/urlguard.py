@@ -17,8 +17,6 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from requests.adapters import HTTPAdapter
-
 from .admission import waiting
 from .errors import InvalidCallback
 
@@ -101,8 +99,10 @@ class UrlGuard:
         addresses = self._addresses(host, port)
         for ip in addresses:
             if not self.allowed(ip):
-                raise ForbiddenAddress(f"callback host {host} resolves to {ip}, which is not a public "
-                                       "address (allow it with --callback-allow)")
+                # the address stays out of the message: it would tell a caller what a name
+                # resolves to inside the server's network
+                raise ForbiddenAddress(f"callback host {host} resolves to an address that is not "
+                                       "public (an operator may allow it with --callback-allow)")
         return Target(url, scheme, host, port, str(addresses[0]))
 
     def allowed(self, ip):
@@ -136,8 +136,8 @@ class UrlGuard:
         try:
             with waiting():  # DNS may take seconds
                 answers = self._resolve(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:  # gaierror is an OSError
-            raise Unresolvable(f"callback host {host} does not resolve ({exc})") from None
+        except (OSError, UnicodeError):  # gaierror is an OSError; its text is the resolver's
+            raise Unresolvable(f"callback host {host} does not resolve") from None
         addresses = []
         for _family, _type, _proto, _name, sockaddr in answers:
             try:
@@ -149,36 +149,3 @@ class UrlGuard:
         if not addresses:
             raise Unresolvable(f"callback host {host} does not resolve")
         return addresses
-
-
-class PinnedAdapter(HTTPAdapter):
-    """A requests adapter that connects to `request.jobserver_target.address`.
-
-    The URL keeps its hostname, so the Host header, TLS SNI and the certificate check
-    are for the name the receiver gave; only the TCP connection is pinned to the
-    address the guard approved. A request without a Target is refused."""
-
-    def __init__(self, **kwargs):
-        if not hasattr(HTTPAdapter, "build_connection_pool_key_attributes"):  # requests < 2.32.2
-            raise RuntimeError("jobserver callbacks need requests >= 2.32.2 to pin the checked address")
-        super().__init__(**kwargs)
-
-    def send(self, request, **kwargs):
-        # urllib3 would name the pinned IP in the Host header; the receiver expects its name
-        request.headers["Host"] = _target(request).host_header
-        return super().send(request, **kwargs)
-
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        target = _target(request)
-        host_params.update(host=target.address, port=target.port)
-        if target.scheme == "https":
-            pool_kwargs.update(server_hostname=target.host, assert_hostname=target.host)
-        return host_params, pool_kwargs
-
-
-def _target(request):
-    target = getattr(request, "jobserver_target", None)
-    if target is None:
-        raise ForbiddenAddress("refusing to connect to a callback address that was not checked")
-    return target

@@ -18,6 +18,7 @@ from jobserver.errors import (
     JournalUnavailable,
     LeaseLost,
     ServerClosed,
+    WriteRefused,
 )
 from jobserver.ids import new_id
 from jobserver.journal import SCHEMA_VERSION, Journal, State, open_journal
@@ -71,12 +72,12 @@ def wait_lease_expired(journal, job_id):
 def test_schema_created_versioned_and_reopen_is_a_no_op(db_url):
     first = open_journal(db_url)
     job_id = insert(first, params={"kept": True})
-    assert first.schema_version() == SCHEMA_VERSION == 1
+    assert first.schema_version() == SCHEMA_VERSION == 2
     first.close()
     first.close()  # closing twice is harmless
     again = open_journal(db_url)
     try:
-        assert again.schema_version() == 1
+        assert again.schema_version() == 2
         assert again.get_job(job_id).params == {"kept": True}
     finally:
         again.close()
@@ -512,11 +513,14 @@ def _exercise(j):
     j.insert_jobs([make_job(idempotency_key="k", request_hash="1" * 64)])
     b_id, _c_id, d_id = insert(j), insert(j), insert(j)
     j.count_queued()
+    with pytest.raises(WriteRefused):  # a duplicate id: the batch runs again under savepoints
+        j.insert_jobs([make_job(id=b_id)])
     ja, jb, jc = j.claim("n", 3, 1)
     j.renew([(ja.id, ja.lease_token)], 60_000, "n")
     j.set_progress(jb.id, jb.lease_token, {"done": 1})
     j.start_step(jb.id, jb.lease_token, "s", 1)
     j.end_step(jb.id, jb.lease_token, "s", "succeeded", result=1)
+    j.end_step(jb.id, jb.lease_token, "s-unstarted", "succeeded", result=1)  # its start was lost
     j.get_step(jb.id, "s")
     j.get_steps(jb.id)
     j.get_job_and_steps(jb.id)
