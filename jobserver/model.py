@@ -258,11 +258,27 @@ class JobEvent:
     callback: str | None = None
     #: CALLBACK: the attempts made so far
     callback_attempts: int | None = None
+    #: STATE: the job's task, when the teller has the job at hand (a run's events, a cancel);
+    #: None when it has only the id (a recovery, a bulk cancel)
+    task: str | None = None
+    #: STATE: the action of TRANSITIONS that made the change (None: the teller did not say)
+    action: Action | None = None
+    #: STATE into running: seconds the job had been due (since its submit, delay or
+    #: backoff ended) when this run took it, by this host's clock against the journal's
+    queue_seconds: float | None = None
+    #: STATE out of running, when the run ended by itself (finish, retry later, time limit):
+    #: seconds the run took
+    run_seconds: float | None = None
 
     @staticmethod
     def state_changed(job_id: str, state: State, *, attempt: int | None = None,
-                      error_type: str | None = None, callback: str | None = None) -> "JobEvent":
-        return _make_event(EventKind.STATE, job_id, state, attempt, error_type, callback=callback)
+                      error_type: str | None = None, callback: str | None = None,
+                      task: str | None = None, action: Action | None = None,
+                      queue_seconds: float | None = None,
+                      run_seconds: float | None = None) -> "JobEvent":
+        return _make_event(EventKind.STATE, job_id, state, attempt, error_type, callback=callback,
+                           task=task, action=action, queue_seconds=queue_seconds,
+                           run_seconds=run_seconds)
 
     @staticmethod
     def progressed(job_id: str, note: dict) -> "JobEvent":

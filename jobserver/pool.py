@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .codec import MAX_DOCUMENT, dumps
 from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask, WriteRefused
-from .model import Job, JobEvent, State
+from .model import Action, Job, JobEvent, State
 from .tasks import JobContext
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ class _Run:
     ctx: JobContext
     deadline: float | None
     abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
+
+    def elapsed(self):
+        """Seconds since the run started."""
+        return time.monotonic() - self.ctx.started
 
     @property
     def key(self):
@@ -188,7 +192,8 @@ class Pool:
         try:
             if self.journal.give_back(job_id, token):
                 log.warning("job %s given back to the queue: %s", job_id, reason)
-                self._emit(JobEvent.state_changed(job_id, State.QUEUED))
+                self._emit(JobEvent.state_changed(job_id, State.QUEUED, task=run.job.task,
+                                                  action=Action.GIVE_BACK))
         except JournalUnavailable:
             log.warning("job %s not given back (journal unreachable); its lease will expire", job_id)
         run.ctx.request_cancel(reason)
@@ -216,6 +221,11 @@ class Pool:
         only for that, and a notify_all per job would cost every job its Python code."""
         if self._is_idle():
             self._idle.notify_all()
+
+    def busy(self) -> int:
+        """Worker threads running a task function now (a run past its time limit included:
+        its thread stays taken until the function returns)."""
+        return len(self._running)
 
     def running_ids(self):
         """The ids of the jobs whose task functions run here now."""
@@ -312,7 +322,11 @@ class Pool:
         run = _Run(job, ctx, time.monotonic() + timeout if timeout else None)
         with self._lock:
             self._running[run.key] = run
-        self._emit(JobEvent.state_changed(job.id, State.RUNNING, attempt=job.attempts))
+        # the journal's run_at against this host's clock: the same clock for SQLite, NTP's
+        # agreement for a database on another box (a negative skew is no wait)
+        waited = max(0.0, time.time() - job.run_at / 1000)
+        self._emit(JobEvent.state_changed(job.id, State.RUNNING, attempt=job.attempts, task=job.task,
+                                          action=Action.CLAIM, queue_seconds=waited))
         self._executor.submit(self._work, run)
 
     def _enforce_time_limits(self, now):
@@ -361,11 +375,12 @@ class Pool:
             recovery = self.journal.recover(self.max_crashes, lost, owner=owner)
             for job_id in recovery.requeued:
                 log.warning("job %s recovered from a dead worker; queued again", job_id)
-                self._emit(JobEvent.state_changed(job_id, State.QUEUED, error_type="WorkerLost"))
+                self._emit(JobEvent.state_changed(job_id, State.QUEUED, error_type="WorkerLost",
+                                                  action=Action.CRASH_REQUEUE))
             for job_id in recovery.failed:
                 log.error("job %s failed with WorkerLost after %d crashes", job_id, self.max_crashes)
                 self._emit(JobEvent.state_changed(
-                    job_id, State.FAILED, error_type="WorkerLost",
+                    job_id, State.FAILED, error_type="WorkerLost", action=Action.CRASH_FAIL,
                     callback="pending" if job_id in recovery.with_callback else None))
             if recovery.requeued:
                 self._wake.set()
@@ -414,7 +429,8 @@ class Pool:
             delay = backoff_seconds(spec.retry_backoff, spec.retry_backoff_max, failures)
             log.info("job %s failed (%s); retry %d of %d in %.1f s", job.id, error["type"],
                      failures, job.max_retries, delay)
-            event = JobEvent.state_changed(job.id, State.QUEUED, error_type=error["type"])
+            event = JobEvent.state_changed(job.id, State.QUEUED, error_type=error["type"], task=job.task,
+                                           action=Action.RETRY_LATER, run_seconds=run.elapsed())
             return self._record(run, lambda on_done: self.journal.requeue(
                 job.id, job.lease_token, int(delay * 1000), error, on_done=on_done), event)
         log.info("job %s failed: %s: %s", job.id, error["type"], error["message"])
@@ -428,7 +444,8 @@ class Pool:
         job = run.job
         callback = job.callback_url is not None  # the journal writes its delivery, same transaction
         event = JobEvent.state_changed(job.id, state, error_type=None if error is None else error["type"],
-                                       callback="pending" if callback else None)
+                                       callback="pending" if callback else None, task=job.task,
+                                       action=Action.FINISH, run_seconds=run.elapsed())
         return (lambda on_done: self.journal.finish(
             job.id, job.lease_token, state, result=result, error=error, callback=callback,
             on_done=on_done), event)
