@@ -10,6 +10,7 @@ after its own operation is committed.
 import logging
 import queue
 import threading
+import time
 
 from .admission import waiting
 from .errors import JobserverError, ServerClosed
@@ -49,8 +50,10 @@ class GroupCommitter:
     database unreachable, busy for too long).
     """
 
-    def __init__(self, run_batch, max_batch=500, name="jobserver-journal-writer"):
+    def __init__(self, run_batch, max_batch=500, name="jobserver-journal-writer", observer=None):
         self._run_batch = run_batch
+        #: `observer(seconds, operations)` after each batch, on this thread (metrics): quick
+        self.observer = observer
         self._max_batch = max_batch
         self._queue = queue.SimpleQueue()
         self._closed = False
@@ -128,6 +131,8 @@ class GroupCommitter:
             self._finish_op(op)
 
     def _execute(self, batch):
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
         try:
             self._run_batch(batch)
         except JobserverError as exc:
@@ -137,8 +142,17 @@ class GroupCommitter:
             log.exception("journal write batch failed")
             for op in batch:
                 op.error = exc
+        if observer is not None:
+            self._observe(observer, time.perf_counter() - started, len(batch))
         for op in batch:
             self._finish_op(op)
+
+    @staticmethod
+    def _observe(observer, seconds, operations):
+        try:
+            observer(seconds, operations)
+        except Exception:  # an observer's bug must not kill the committer
+            log.exception("journal commit observer failed")
 
     @staticmethod
     def _finish_op(op):

@@ -423,6 +423,18 @@ class Journal:
         with waiting():  # a count over many queued rows is a long read: let polls pass meanwhile
             return self._read(lambda cur: _scalar(cur, self.sql.count_queued))
 
+    def job_gauges(self):
+        """{state: (jobs in it, for queued the age in ms of the job due longest or None)} for
+        each unfinished state that has jobs: an index range, for a scrape every few seconds."""
+        with waiting():  # many queued jobs make a long read: let polls pass meanwhile
+            rows = self._read(lambda cur: _fetch_all(cur, self.sql.job_gauges))
+        return {State(state): (int(count), None if age is None else int(age)) for state, count, age in rows}
+
+    def observe_commits(self, observer):
+        """`observer(seconds, operations)` after each group-commit batch (committed or not),
+        on the committer thread: it must be quick. None removes it."""
+        self._writer.observer = observer
+
     # --- reads ------------------------------------------------------------------------
     def get_job(self, job_id):
         """The Job, or None."""

@@ -6,7 +6,7 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 `journal.Journal` does.
 """
 
-from .model import JOB_FIELDS, TRANSITIONS, Action, State
+from .model import JOB_FIELDS, TERMINAL, TRANSITIONS, Action, State
 
 SCHEMA_VERSION = 2
 
@@ -138,6 +138,13 @@ class Sql:
         self.job_steps = q("SELECT name, state, started_at, finished_at FROM steps WHERE job_id = ? ORDER BY seq")
         queued, running = State.QUEUED.value, State.RUNNING.value
         self.count_queued = q(f"SELECT COUNT(*) FROM jobs WHERE state = '{queued}'")
+        # /metrics' gauges, read every few seconds: per unfinished state its count and (queued)
+        # the age in ms of the job due longest. Only state and run_at: one range of the
+        # covering index jobs_claim, never the table (tests/test_metrics.py checks the plans)
+        unfinished = ", ".join(sorted(f"'{state.value}'" for state in State if state not in TERMINAL))
+        self.job_gauges = q(
+            f"SELECT state, COUNT(*), {now} - MIN(CASE WHEN state = '{queued}' AND run_at <= {now} "
+            f"THEN run_at END) FROM jobs WHERE state IN ({unfinished}) GROUP BY state")
         self.claim_select = q(
             f"SELECT {_COLS} FROM jobs WHERE {leaving(Action.CLAIM)} AND run_at <= {now} "
             f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
