@@ -27,12 +27,14 @@ The request path is kept short on purpose (one before-, one after- and one teard
 hook, responses encoded once with the C JSON encoder, no URL building): every
 microsecond here is paid on each poll of every frontend.
 """
+import ipaddress
 import json
 import logging
 import re
 
 from flask import Blueprint, Flask, current_app, g, request
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from prometheus_client.exposition import choose_encoder
+from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, RequestEntityTooLarge
 
 from .admission import Gate
 from .auth import Authenticator, Unauthorized
@@ -63,6 +65,7 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _READ_CHUNK = 64 * 1024
 _REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
+_OWN_ACCESS = frozenset({"healthz", "metrics"})  # endpoints that check their callers themselves
 _encode = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 
 # exception class -> (status, problem name, title, detail); the first match in this order
@@ -92,6 +95,7 @@ def create_app(server, *, url_prefix=""):
     _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
     app.after_request(_end_request)  # every answer of the app, the blueprint's included
     app.register_blueprint(api_blueprint(server, request_ids=False), url_prefix=url_prefix or None)
+    app.after_request(app.extensions["jobserver"].end_response)  # counted: all answers
     return app
 
 
@@ -107,14 +111,16 @@ def init_app(app, server, url_prefix=""):
 def api_blueprint(server, name="jobserver", *, request_ids=True):
     """A Blueprint with every route; registering it puts its Api in app.extensions["jobserver"].
 
-    `request_ids=False` leaves stamping X-Request-Id on Flask's own answers to the app
-    (create_app does it for all of them at once; a host app's own routes keep theirs)."""
+    `request_ids=False` leaves stamping X-Request-Id on Flask's own answers and counting
+    them to the app (create_app does it for all of them at once; a host
+    app's own routes keep theirs)."""
     api = Api(server)
     bp = Blueprint(name, __name__)
     bp.record_once(lambda setup: _register(setup.app, api))
     _install_error_handlers(bp)
     bp.before_request(api.begin_request)
     if request_ids:
+        bp.after_request(api.end_response)
         bp.after_request(_end_request)
     bp.teardown_request(api.end_request)
     bp.add_url_rule("/jobs", "submit", api.submit, methods=["POST"])
@@ -126,6 +132,7 @@ def api_blueprint(server, name="jobserver", *, request_ids=True):
                     methods=["POST"])
     bp.add_url_rule("/tasks", "tasks", api.tasks, methods=["GET"])
     bp.add_url_rule("/healthz", "healthz", api.healthz, methods=["GET"])
+    bp.add_url_rule("/metrics", "metrics", api.metrics, methods=["GET"])
     return bp
 
 
@@ -239,20 +246,52 @@ class Api:
         self.config = server.config
         self.auth = authenticator or Authenticator(server.journal)
         self.gate = Gate(turns)
+        self._metrics = server.metrics
 
     def begin_request(self):
-        """Wait for a turn; then, on every route but /healthz, refuse while draining and
-        identify the caller."""
+        """Wait for a turn; then, on every route but /healthz and /metrics (which check
+        their callers themselves), refuse while draining and identify the caller."""
         self.gate.enter()
-        if request.endpoint.endswith(".healthz"):
-            return
+        if request.endpoint.rpartition(".")[2] in _OWN_ACCESS:
+            return None
         if not self.server.accepting:  # draining: send clients elsewhere or back later
             raise ServerClosed("the server is shutting down")
         g.principal = self.auth.identify(request.environ.get("HTTP_AUTHORIZATION"))
+        return None
 
     def end_request(self, _exc=None):
         """Give the turn back (teardown: runs whatever happened to the request)."""
         self.gate.leave()
+
+    def end_response(self, response):
+        """Every answer, errors included: counted for /metrics."""
+        self._metrics.count_request(request.url_rule, request.environ["REQUEST_METHOD"],
+                                    response.status_code)
+        return response
+
+    # --- GET /metrics ---------------------------------------------------------------------
+    def metrics(self):
+        """GET /metrics: the Prometheus text format (OpenMetrics when Accept asks for it),
+        for a loopback caller or an admin token (docs/metrics.md)."""
+        self._check_metrics_caller()
+        try:
+            encode, content_type = choose_encoder(request.environ.get("HTTP_ACCEPT", ""))
+        except (TypeError, ValueError):  # a version the library cannot read (0.26 raises): plain text
+            encode, content_type = choose_encoder("")
+        response = current_app.response_class(encode(self._metrics.registry), status=200,
+                                              content_type=content_type)
+        response.headers["X-Request-Id"] = request_id()
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def _check_metrics_caller(self):
+        """A loopback caller needs no token; anyone else an admin token (401 without a valid
+        one, 403 with another)."""
+        if _direct_loopback(request.environ):
+            return
+        principal = self.auth.identify(request.environ.get("HTTP_AUTHORIZATION"))
+        if not principal.admin:
+            raise Forbidden("metrics are for a caller on this machine or an admin token")
 
     def submit(self):
         """POST /jobs: one job (an object) or a batch (an array) in one transaction."""
@@ -380,6 +419,19 @@ class Api:
         if not 0 <= value <= limit:  # also refuses nan
             raise BadRequest(f"'wait' is a number of seconds from 0 to {limit:g}")
         return value
+
+
+def _direct_loopback(environ):
+    """True for a caller on this machine that no proxy forwarded: a proxy on the same box
+    makes every caller loopback, and says so with Forwarded or X-Forwarded-For."""
+    if "HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_FOR" in environ:
+        return False
+    try:
+        address = ipaddress.ip_address(environ.get("REMOTE_ADDR") or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or address).is_loopback
 
 
 def _check_id(job_id):

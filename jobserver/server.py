@@ -15,7 +15,8 @@ from .config import Config
 from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed
 from .ids import new_id
 from .journal import open_journal
-from .model import TERMINAL, JobEvent, State
+from .metrics import Metrics
+from .model import TERMINAL, Action, JobEvent, State
 from .pool import Pool
 from .tasks import Registry, default_registry
 
@@ -109,6 +110,10 @@ class JobServer:
             raise
         self.callback_guard = self.deliverer.guard.check  # url -> url, or InvalidCallback
         self.add_listener(self.deliverer.on_event)
+        self.metrics = Metrics(self.registry, gauges=self.journal.job_gauges, busy=self.pool.busy,
+                               workers=self.config.workers)
+        self.add_listener(self.metrics.on_event)
+        self.journal.observe_commits(self.metrics.observe_commit)
         self._depth = (0.0, 0)
         self._state = "new"
         self._lock = threading.Lock()
@@ -186,6 +191,7 @@ class JobServer:
         created = sum(1 for _job, was_created in results if was_created)
         if created:
             self.pool.wake()
+            self.metrics.count_submitted(job.task for job, was_created in results if was_created)
             self._depth = (self._depth[0], self._depth[1] + created)
         # a repeat shows its stored params (equal, as its request hash matched, but in the
         # journal's key order, as every later read shows them)
@@ -295,7 +301,8 @@ class JobServer:
         """Cancel a queued job, or ask a running one to stop. InvalidTransition if finished."""
         job = self._visible(job_id, owner)
         if self.journal.cancel(job_id) is State.CANCELLED:
-            self._on_event(JobEvent.state_changed(job_id, State.CANCELLED,
+            self._on_event(JobEvent.state_changed(job_id, State.CANCELLED, task=job.task,
+                                                  action=Action.CANCEL_QUEUED,
                                                   callback="pending" if job.callback_url else None))
         else:
             self.pool.cancel_local(job_id)
