@@ -88,6 +88,8 @@ HTTP_FLAGS = (
     Flag("header-timeout", float, "seconds a client has to send a request's line and headers"),
     Flag("body-timeout", float, "seconds a client has to send a whole request, body included"),
     Flag("insecure-open", _boolean, "allow a non-loopback host with no tokens (open mode)", switch=True),
+    Flag("cors-origin", help="a web origin (scheme://host[:port]) whose pages may call the API "
+         "from a browser; repeatable", many=True),
 )
 
 
@@ -97,8 +99,8 @@ def add_flags(parser, flags):
         if flag.switch:
             parser.add_argument("--" + flag.name, action="store_const", const=True,
                                 default=argparse.SUPPRESS, help=help_text)
-        elif flag.many:
-            parser.add_argument("--" + flag.name, nargs="+", default=argparse.SUPPRESS,
+        elif flag.many:  # `--x A B` and `--x A --x B` alike
+            parser.add_argument("--" + flag.name, nargs="+", action="extend", default=argparse.SUPPRESS,
                                 metavar="VALUE", help=help_text)
         else:
             parser.add_argument("--" + flag.name, type=flag.parse, default=argparse.SUPPRESS,

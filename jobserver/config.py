@@ -57,6 +57,8 @@ class Config:
     callback_workers: int = 4
     #: stable name for this process's leases (default: host, pid namespace, pid, random)
     node_id: str | None = None
+    #: web origins (scheme://host[:port]) whose pages may call the API from a browser (CORS)
+    cors_origin: tuple = ()
 
     def with_(self, **changes):
         """A copy with `changes` (unknown names raise TypeError)."""

@@ -38,6 +38,7 @@ from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, RequestEnt
 
 from .admission import Gate
 from .auth import Authenticator, Unauthorized
+from .cors import CorsPolicy
 from .errors import (
     IdempotencyConflict,
     InvalidCallback,
@@ -95,7 +96,7 @@ def create_app(server, *, url_prefix=""):
     _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
     app.after_request(_end_request)  # every answer of the app, the blueprint's included
     app.register_blueprint(api_blueprint(server, request_ids=False), url_prefix=url_prefix or None)
-    app.after_request(app.extensions["jobserver"].end_response)  # counted: all answers
+    app.after_request(app.extensions["jobserver"].end_response)  # counted and CORS: all answers
     return app
 
 
@@ -111,8 +112,8 @@ def init_app(app, server, url_prefix=""):
 def api_blueprint(server, name="jobserver", *, request_ids=True):
     """A Blueprint with every route; registering it puts its Api in app.extensions["jobserver"].
 
-    `request_ids=False` leaves stamping X-Request-Id on Flask's own answers and counting
-    them to the app (create_app does it for all of them at once; a host
+    `request_ids=False` leaves stamping X-Request-Id on Flask's own answers, counting them
+    and their CORS headers to the app (create_app does it for all of them at once; a host
     app's own routes keep theirs)."""
     api = Api(server)
     bp = Blueprint(name, __name__)
@@ -247,10 +248,17 @@ class Api:
         self.auth = authenticator or Authenticator(server.journal)
         self.gate = Gate(turns)
         self._metrics = server.metrics
+        # None unless --cors-origin names origins: then the hooks below cost nothing
+        self.cors = CorsPolicy(self.config.cors_origin) or None
 
     def begin_request(self):
-        """Wait for a turn; then, on every route but /healthz and /metrics (which check
-        their callers themselves), refuse while draining and identify the caller."""
+        """Answer a CORS preflight at once (no token: a browser sends none with it); else
+        wait for a turn, then, on every route but /healthz and /metrics (which check their
+        callers themselves), refuse while draining and identify the caller."""
+        if self.cors is not None and request.method == "OPTIONS":
+            preflight = self._preflight()
+            if preflight is not None:
+                return preflight
         self.gate.enter()
         if request.endpoint.rpartition(".")[2] in _OWN_ACCESS:
             return None
@@ -264,10 +272,33 @@ class Api:
         self.gate.leave()
 
     def end_response(self, response):
-        """Every answer, errors included: counted for /metrics."""
-        self._metrics.count_request(request.url_rule, request.environ["REQUEST_METHOD"],
-                                    response.status_code)
+        """Every answer, errors included: counted for /metrics, and given the CORS headers
+        its Origin may have."""
+        environ = request.environ
+        self._metrics.count_request(request.url_rule, environ["REQUEST_METHOD"], response.status_code)
+        if self.cors is not None:
+            self._cors_headers(response, environ.get("HTTP_ORIGIN"))
         return response
+
+    # --- CORS (cors.py decides; these put its headers on Flask's answers) --------------
+    def _preflight(self):
+        """The answer to a CORS preflight, or None for another OPTIONS request. An origin
+        that is not allowed gets the answer without allow headers: its browser stops there."""
+        environ = request.environ
+        origin = environ.get("HTTP_ORIGIN")
+        if not self.cors.is_preflight("OPTIONS", origin, environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")):
+            return None
+        response = current_app.response_class(status=204)
+        del response.headers["Content-Type"]
+        response.headers.update(self.cors.preflight_headers(origin))
+        response.headers["X-Request-Id"] = request_id()
+        return response
+
+    def _cors_headers(self, response, origin):
+        # the answer differs by Origin (allowed or not): a cache must keep them apart,
+        # including the answers to requests that sent none
+        response.vary.add("Origin")
+        response.headers.update(self.cors.answer_headers(origin))
 
     # --- GET /metrics ---------------------------------------------------------------------
     def metrics(self):
