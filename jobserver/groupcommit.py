@@ -143,16 +143,12 @@ class GroupCommitter:
             for op in batch:
                 op.error = exc
         if observer is not None:
-            self._observe(observer, time.perf_counter() - started, len(batch))
+            try:
+                observer(time.perf_counter() - started, len(batch))
+            except Exception:  # an observer's bug must not kill the committer
+                log.exception("journal commit observer failed")
         for op in batch:
             self._finish_op(op)
-
-    @staticmethod
-    def _observe(observer, seconds, operations):
-        try:
-            observer(seconds, operations)
-        except Exception:  # an observer's bug must not kill the committer
-            log.exception("journal commit observer failed")
 
     @staticmethod
     def _finish_op(op):

@@ -52,6 +52,7 @@ from .errors import (
     UnknownTask,
 )
 from .ids import new_request_id
+from .metrics import UNMATCHED
 from .strictjson import StrictJsonError, parse_strict
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,8 @@ def create_app(server, *, url_prefix=""):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = server.config.max_body
     _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
-    app.after_request(_end_request)  # every answer of the app, the blueprint's included
     app.register_blueprint(api_blueprint(server, request_ids=False), url_prefix=url_prefix or None)
-    app.after_request(app.extensions["jobserver"].end_response)  # counted and CORS: all answers
+    app.after_request(app.extensions["jobserver"].end_response)  # every answer of the app
     return app
 
 
@@ -112,9 +112,9 @@ def init_app(app, server, url_prefix=""):
 def api_blueprint(server, name="jobserver", *, request_ids=True):
     """A Blueprint with every route; registering it puts its Api in app.extensions["jobserver"].
 
-    `request_ids=False` leaves stamping X-Request-Id on Flask's own answers, counting them
-    and their CORS headers to the app (create_app does it for all of them at once; a host
-    app's own routes keep theirs)."""
+    `request_ids=False` leaves the end of Flask's own answers (their X-Request-Id, their
+    count, their CORS headers: Api.end_response) to the app: create_app does it for all of
+    them at once, in one hook; a host app's own routes keep theirs."""
     api = Api(server)
     bp = Blueprint(name, __name__)
     bp.record_once(lambda setup: _register(setup.app, api))
@@ -122,7 +122,6 @@ def api_blueprint(server, name="jobserver", *, request_ids=True):
     bp.before_request(api.begin_request)
     if request_ids:
         bp.after_request(api.end_response)
-        bp.after_request(_end_request)
     bp.teardown_request(api.end_request)
     bp.add_url_rule("/jobs", "submit", api.submit, methods=["POST"])
     bp.add_url_rule("/jobs", "list_jobs", api.list_jobs, methods=["GET"])
@@ -174,14 +173,6 @@ def request_id():
         given = environ.get("HTTP_X_REQUEST_ID", "")
         rid = environ[_REQUEST_ID_KEY] = given if _REQUEST_ID.match(given) else new_request_id()
     return rid
-
-
-def _end_request(response):
-    # views and errors answer through json_response, which sets it; this covers Flask's
-    # own answers (an automatic OPTIONS, a slash redirect)
-    if "X-Request-Id" not in response.headers:
-        response.headers["X-Request-Id"] = request_id()
-    return response
 
 
 # --- problems -------------------------------------------------------------------------
@@ -272,12 +263,21 @@ class Api:
         self.gate.leave()
 
     def end_response(self, response):
-        """Every answer, errors included: counted for /metrics, and given the CORS headers
-        its Origin may have."""
-        environ = request.environ
-        self._metrics.count_request(request.url_rule, environ["REQUEST_METHOD"], response.status_code)
+        """Every answer, errors included (one hook: each costs its call on every request):
+        its X-Request-Id, its count for /metrics, the CORS headers its Origin may have."""
+        # views and errors answer through json_response, which sets the id; this covers
+        # Flask's own answers (an automatic OPTIONS, a slash redirect)
+        if "X-Request-Id" not in response.headers:
+            response.headers["X-Request-Id"] = request_id()
+        current = request._get_current_object()  # noqa: SLF001 (werkzeug's LocalProxy API)
+        rule = current.url_rule
+        if rule is None:  # the path and the method are whatever the client sent
+            self._metrics.count_request(UNMATCHED, UNMATCHED, response.status_code)
+        else:  # a matched rule's method is one of its own (another is a 405: no rule)
+            self._metrics.count_request(rule.rule, current.environ["REQUEST_METHOD"],
+                                        response.status_code)
         if self.cors is not None:
-            self._cors_headers(response, environ.get("HTTP_ORIGIN"))
+            self._cors_headers(response, current.environ.get("HTTP_ORIGIN"))
         return response
 
     # --- CORS (cors.py decides; these put its headers on Flask's answers) --------------

@@ -1,33 +1,36 @@
 """The Prometheus registry of one JobServer, fed by its JobEvents; GET /metrics serves it.
 
-Counters and histograms live in memory: the JobServer's event listener and its submit path
-move them (a dict lookup and an increment per event), so a scrape never counts rows. The
-gauges of jobs by state come from the journal, one range of the jobs_claim index read at
-most every `gauge_ttl` seconds and kept between scrapes. Each JobServer has its own
-CollectorRegistry: tests build several servers in one process, and the global default
-registry would mix them.
+Counts live in memory, in one dict under one lock: the JobServer's event listener, its
+submit path, the HTTP hook and the journal's commit observer each do a lookup and an
+increment there. prometheus_client's own Counter and Histogram cost about ten times as
+much per increment (four Python calls each), which showed on every request and every job;
+it still does what it is for: the families, the exposition format, the escaping and the
+OpenMetrics negotiation. A scrape never counts rows: the gauges of jobs by state come from
+the journal, one range of the jobs_claim index read at most every `ttl` seconds and kept
+between scrapes. Each JobServer has its own CollectorRegistry: tests build several servers
+in one process, and the global default registry would mix them.
 
 Labels are bounded (docs/metrics.md): `task` takes the names this server's task registry
 holds, and UNKNOWN_TASK for any other (a job submitted by another process, or an event
 that carries no task); never a job id, an owner or a host. Every series of a registered
 task exists from the start, at zero, so a rate() has a start and an absent series means
 an unknown name, not "nothing happened yet".
-
-docs/metrics.md lists every metric with its meaning and example queries.
 """
+import bisect
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from .errors import JobserverError
-from .model import DEFAULT_QUEUE, TERMINAL, Action, EventKind, JobEvent, State
+from .model import DEFAULT_QUEUE, TERMINAL, Action, EventKind, Job, JobEvent, State
 from .tasks import Registry
 
-__all__ = ["Metrics", "UNKNOWN_TASK", "RUN_BUCKETS", "COMMIT_BUCKETS", "GAUGE_TTL"]
+__all__ = ["Metrics", "UNKNOWN_TASK", "UNMATCHED", "RUN_BUCKETS", "COMMIT_BUCKETS", "GAUGE_TTL"]
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +46,52 @@ GAUGE_TTL = 5.0
 UNKNOWN_TASK = ""
 #: the `route` and `method` labels of a request that matched no route
 UNMATCHED = "unmatched"
-#: route x method x status children kept for lookup (far more than the API has)
-MAX_ROUTE_SERIES = 10_000
-#: outcome label of a callback attempt, by the delivery's state after it
-_DELIVERY_OUTCOMES = {"delivered": "delivered", "pending": "retrying", "failed": "failed"}
+_ENDED = tuple(sorted(state.value for state in TERMINAL))
 _UNFINISHED = tuple(state for state in State if state not in TERMINAL)
-_ENDED = tuple(sorted(TERMINAL, key=lambda state: state.value))
+#: a callback attempt's outcome, by the delivery's state after it
+_DELIVERY_OUTCOMES = {"delivered": "delivered", "pending": "retrying", "failed": "failed"}
+_RECOVERY_OUTCOMES = {Action.CRASH_REQUEUE: "requeued", Action.CRASH_FAIL: "failed"}
 _STATE, _CALLBACK, _RUNNING = EventKind.STATE, EventKind.CALLBACK, State.RUNNING
+_RETRY_LATER = Action.RETRY_LATER
+_ENDED_NAMES = {state: state.value for state in TERMINAL}
 
+# what a count is of: the first item of its key (the others are its label values)
+SUBMITTED, STARTED, FINISHED, RETRIED, RECOVERED = "submitted", "started", "finished", "retried", "recovered"
+DELIVERIES, REQUESTS, COMMIT_OPS, STREAMS = "deliveries", "requests", "commit_ops", "streams"
+RUN, WAIT, COMMIT = "run", "wait", "commit"  # histograms: (what, *labels, bucket index)
 
-class _TaskSeries:
-    """The children of one `task` label value, looked up once per event."""
-    __slots__ = ("submitted", "started", "finished", "retried", "run", "wait")
-
-    def __init__(self, metrics, task):
-        self.submitted = metrics.submitted_total.labels(task)
-        self.started = metrics.started_total.labels(task)
-        self.finished = {state: metrics.finished_total.labels(task, state.value) for state in _ENDED}
-        self.retried = metrics.retried_total.labels(task)
-        self.run = metrics.run_seconds.labels(task)
-        self.wait = metrics.queue_wait_seconds.labels(task)
+#: (what, metric name, help, label names, zero series to export from the start)
+_COUNTERS = (
+    (SUBMITTED, "jobserver_jobs_submitted", "Jobs submitted (journaled) through this process.", ("task",)),
+    (STARTED, "jobserver_jobs_started", "Runs started by this process's workers (each attempt).", ("task",)),
+    (FINISHED, "jobserver_jobs_finished", "Jobs that reached a terminal state through this process.",
+     ("task", "state")),
+    (RETRIED, "jobserver_jobs_retried", "Runs that failed with retries left: queued again after a "
+     "backoff.", ("task",)),
+    (RECOVERED, "jobserver_jobs_recovered", "Jobs whose process died while running them, found by "
+     "this process.", ("outcome",)),
+    (DELIVERIES, "jobserver_callback_deliveries", "Callback delivery attempts, by what came of them.",
+     ("outcome",)),
+    (REQUESTS, "jobserver_http_requests", "HTTP requests answered, by route (URL rule), method and "
+     "status.", ("route", "method", "status")),
+    (COMMIT_OPS, "jobserver_journal_operations", "Journal writes committed in group-commit batches.", ()),
+)
+_HISTOGRAMS = (
+    (RUN, "jobserver_job_run_seconds", "Seconds a run took, from its start to its finish or its "
+     "failure.", ("task",), RUN_BUCKETS),
+    (WAIT, "jobserver_job_queue_wait_seconds", "Seconds a job was due before a worker took it.",
+     ("task",), RUN_BUCKETS),
+    (COMMIT, "jobserver_journal_commit_seconds", "Seconds one group-commit batch of journal writes "
+     "took, its commit included.", (), COMMIT_BUCKETS),
+)
+_BOUNDS = {what: bounds for what, _name, _help, _labels, bounds in _HISTOGRAMS}
+_COMMIT_SUM, _COMMIT_OPS = (COMMIT, None), (COMMIT_OPS,)
 
 
 class Metrics:
     """One JobServer's metrics. `on_event` is its JobEvent listener, `count_submitted` its
-    submit path's, `observe_commit` the journal's commit observer; `registry` is what
-    GET /metrics encodes.
+    submit path's, `count_request` the HTTP hook's, `observe_commit` the journal's commit
+    observer; `registry` is what GET /metrics encodes.
 
     For the event streams: `stream_opened()` when a stream starts sending, `stream_closed()`
     when it ends (in a `finally`), or `with metrics.streaming(): ...` around its life."""
@@ -76,125 +99,110 @@ class Metrics:
     def __init__(self, tasks: Registry, *, gauges: Callable[[], dict] | None = None,
                  busy: Callable[[], int] | None = None, workers: int = 0,
                  gauge_ttl: float = GAUGE_TTL):
+        self._registry_of_tasks = tasks
+        self._tasks = tasks.tasks  # name -> spec, live: a task registered later counts too
+        self._lock = threading.Lock()
+        self._counts = {}  # (what, *label values) -> int; histograms: (..., bucket index)
+        self._sums = {}    # (what, *label values) -> float: a histogram's sum
         self.registry = CollectorRegistry(auto_describe=False)
-        self._tasks_known = tasks
-        self._lock = threading.Lock()  # making a task's or a route's series
-        r = self.registry
-        self.submitted_total = Counter("jobserver_jobs_submitted", "Jobs submitted (journaled) "
-                                       "through this process.", ["task"], registry=r)
-        self.started_total = Counter("jobserver_jobs_started", "Runs started by this process's "
-                                     "workers (each attempt).", ["task"], registry=r)
-        self.finished_total = Counter("jobserver_jobs_finished", "Jobs that reached a terminal "
-                                      "state through this process.", ["task", "state"], registry=r)
-        self.retried_total = Counter("jobserver_jobs_retried", "Runs that failed with retries "
-                                     "left: queued again after a backoff.", ["task"], registry=r)
-        self.recovered_total = Counter("jobserver_jobs_recovered", "Jobs whose process died while "
-                                       "running them, found by this process.", ["outcome"], registry=r)
-        self.deliveries_total = Counter("jobserver_callback_deliveries", "Callback delivery "
-                                        "attempts, by what came of them.", ["outcome"], registry=r)
-        self.requests_total = Counter("jobserver_http_requests", "HTTP requests answered, by "
-                                      "route (URL rule), method and status.",
-                                      ["route", "method", "status"], registry=r)
-        self.run_seconds = Histogram("jobserver_job_run_seconds", "Seconds a run took, from its "
-                                     "start to its finish or its failure.", ["task"],
-                                     buckets=RUN_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("jobserver_job_queue_wait_seconds", "Seconds a job "
-                                            "was due before a worker took it.", ["task"],
-                                            buckets=RUN_BUCKETS, registry=r)
-        self.commit_seconds = Histogram("jobserver_journal_commit_seconds", "Seconds one "
-                                        "group-commit batch of journal writes took, its commit "
-                                        "included.", buckets=COMMIT_BUCKETS, registry=r)
-        self.commit_ops_total = Counter("jobserver_journal_operations", "Journal writes "
-                                        "committed in group-commit batches.", registry=r)
-        self.streams_open = Gauge("jobserver_event_streams_open", "Event streams (SSE) open now.",
-                                  registry=r)
-        self.stream_opened = self.streams_open.inc
-        self.stream_closed = self.streams_open.dec
-        self.recovered = {action: self.recovered_total.labels(outcome) for action, outcome in
-                          ((Action.CRASH_REQUEUE, "requeued"), (Action.CRASH_FAIL, "failed"))}
-        self.deliveries = {state: self.deliveries_total.labels(outcome)
-                           for state, outcome in _DELIVERY_OUTCOMES.items()}
-        unknown = _TaskSeries(self, UNKNOWN_TASK)
-        self._series = {None: unknown, UNKNOWN_TASK: unknown}
-        for spec in tasks:
-            self._series[spec.name] = _TaskSeries(self, spec.name)
-        self._routes = {}  # (endpoint, method, status) -> counter child
+        self.registry.register(_Counts(self))
         #: the gauges read at scrape time; `.ttl` is how long the journal's are kept
         self.live = _LiveGauges(gauges, gauge_ttl, busy, workers)
-        r.register(self.live)
+        self.registry.register(self.live)
 
-    # --- the hot paths ----------------------------------------------------------------
+    # --- the hot paths: a lookup and an increment under the lock ----------------------
     def on_event(self, event: JobEvent) -> None:
-        """The JobServer's listener: one lookup and an increment or two per state event."""
+        """The JobServer's listener. Progress and step events cost one comparison; a state
+        event one or two counts and a histogram's bucket, taken in one hold of the lock."""
         kind = event.kind
         if kind is not _STATE:
             if kind is _CALLBACK:
-                child = self.deliveries.get(event.callback)
-                if child is not None:
-                    child.inc()
+                outcome = _DELIVERY_OUTCOMES.get(event.callback)
+                if outcome is not None:
+                    self._add((DELIVERIES, outcome))
             return
-        series = self._series.get(event.task) or self._task_series(event.task)
+        task = event.task if event.task in self._tasks else UNKNOWN_TASK
         state = event.state
         if state is _RUNNING:
-            series.started.inc()
-            if event.queue_seconds is not None:
-                series.wait.observe(event.queue_seconds)
-            return
-        if event.run_seconds is not None:
-            series.run.observe(event.run_seconds)
-        finished = series.finished.get(state)
-        if finished is not None:
-            finished.inc()
-        action = event.action
-        if action is Action.RETRY_LATER:
-            series.retried.inc()
-        elif action is Action.CRASH_REQUEUE or action is Action.CRASH_FAIL:
-            self.recovered[action].inc()
+            key, also, histogram, seconds = (STARTED, task), None, WAIT, event.queue_seconds
+        else:
+            ended = _ENDED_NAMES.get(state)
+            key = None if ended is None else (FINISHED, task, ended)
+            action = event.action
+            recovered = _RECOVERY_OUTCOMES.get(action)
+            also = ((RETRIED, task) if action is _RETRY_LATER
+                    else None if recovered is None else (RECOVERED, recovered))
+            histogram, seconds = RUN, event.run_seconds
+        counts, lock = self._counts, self._lock
+        lock.acquire()  # not `with`: half the cost, and nothing below raises
+        try:
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+            if also is not None:
+                counts[also] = counts.get(also, 0) + 1
+            if seconds is not None:
+                self._observe_locked(histogram, task, seconds)
+        finally:
+            lock.release()
 
-    def count_submitted(self, tasks: Iterable[str]) -> None:
-        """The submit path's: the task of each job it created."""
-        for task in tasks:
-            (self._series.get(task) or self._task_series(task)).submitted.inc()
+    def count_submitted(self, results: Iterable[tuple[Job, bool]]) -> None:
+        """The submit path's: its (job, created) pairs; the jobs created count."""
+        known, counts = self._tasks, self._counts
+        with self._lock:
+            for job, created in results:
+                if created:
+                    key = (SUBMITTED, job.task if job.task in known else UNKNOWN_TASK)
+                    counts[key] = counts.get(key, 0) + 1
+
+    def count_request(self, route: str, method: str, status: int) -> None:
+        """One answered HTTP request: `route` is the URL rule it matched, `method` one of
+        the rule's (UNMATCHED for both when no rule matched: the client chose them)."""
+        self._add((REQUESTS, route, method, status))
 
     def observe_commit(self, seconds: float, operations: int) -> None:
         """The journal's commit observer: one observation per group-commit batch."""
-        self.commit_seconds.observe(seconds)
-        self.commit_ops_total.inc(operations)
+        key = (COMMIT, None, bisect.bisect_left(COMMIT_BUCKETS, seconds))
+        counts, sums = self._counts, self._sums
+        with self._lock:  # as _observe_locked does, without its call: once per commit
+            counts[key] = counts.get(key, 0) + 1
+            sums[_COMMIT_SUM] = sums.get(_COMMIT_SUM, 0.0) + seconds
+            counts[_COMMIT_OPS] = counts.get(_COMMIT_OPS, 0) + operations
 
-    def count_request(self, rule, method: str, status: int) -> None:
-        """One answered HTTP request; `rule` is the URL rule it matched (None: none did)."""
-        key = (None if rule is None else rule.endpoint, method, status)
-        child = self._routes.get(key)
-        if child is None:
-            child = self._route_child(key, rule)
-        child.inc()
+    def stream_opened(self) -> None:
+        self._add((STREAMS,))
 
-    # --- making series on first use ---------------------------------------------------
-    def _task_series(self, task):
-        """The series of a task registered after this server was made, or the unknown
-        task's: a name outside the registry never becomes a label value."""
-        if task not in self._tasks_known:
-            return self._series[None]
-        with self._lock:
-            series = self._series.get(task)
-            if series is None:
-                series = self._series[task] = _TaskSeries(self, task)
-        return series
-
-    def _route_child(self, key, rule):
-        _endpoint, method, status = key
-        # a matched route's method is one of the rule's own (another answers 405, matching
-        # no rule); an unmatched request's path and method are whatever the client sent
-        route, method = (rule.rule, method) if rule is not None else (UNMATCHED, UNMATCHED)
-        child = self.requests_total.labels(route, method, str(status))
-        with self._lock:
-            if len(self._routes) < MAX_ROUTE_SERIES:
-                self._routes[key] = child
-        return child
+    def stream_closed(self) -> None:
+        self._add((STREAMS,), -1)
 
     def streaming(self):
         """`with metrics.streaming():` around an event stream's life."""
         return _OpenStream(self)
+
+    def _add(self, key, amount=1):
+        counts, lock = self._counts, self._lock
+        lock.acquire()
+        try:
+            counts[key] = counts.get(key, 0) + amount
+        finally:
+            lock.release()
+
+    def _observe_locked(self, what, label, value):
+        # the first bucket whose bound is >= value (le: value <= bound); len(bounds): +Inf
+        key = (what, label, bisect.bisect_left(_BOUNDS[what], value))
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        total = (what, label)
+        self._sums[total] = self._sums.get(total, 0.0) + value
+
+    # --- scraping ---------------------------------------------------------------------
+    def snapshot(self) -> tuple[dict, dict]:
+        """(counts, sums) as they are now: copies, read under the lock."""
+        with self._lock:
+            return dict(self._counts), dict(self._sums)
+
+    def task_labels(self) -> list[str]:
+        """The `task` label values every task series has from the start."""
+        return [spec.name for spec in self._registry_of_tasks] + [UNKNOWN_TASK]
 
 
 class _OpenStream:
@@ -210,6 +218,70 @@ class _OpenStream:
     def __exit__(self, *exc_info):
         self._metrics.stream_closed()
         return False
+
+
+class _Counts:
+    """The in-memory counts as Prometheus families: counters, histograms, open streams."""
+
+    def __init__(self, metrics):
+        self._metrics = metrics
+
+    def describe(self):
+        return [family for family, _what in self._families()] + [_streams_family()]
+
+    def collect(self):
+        counts, sums = self._metrics.snapshot()
+        tasks = [(task,) for task in self._metrics.task_labels()]
+        starting = {  # the series that exist from the start, at zero
+            SUBMITTED: tasks, STARTED: tasks, RETRIED: tasks,
+            FINISHED: [(task, state) for (task,) in tasks for state in _ENDED],
+            RECOVERED: [(o,) for o in _RECOVERY_OUTCOMES.values()],
+            DELIVERIES: [(o,) for o in _DELIVERY_OUTCOMES.values()],
+            REQUESTS: [], COMMIT_OPS: [()], RUN: tasks, WAIT: tasks, COMMIT: [(None,)]}
+        found = {}
+        for key, value in counts.items():
+            found.setdefault(key[0], {})[key[1:]] = value
+        for family, what in self._families():
+            mine = found.get(what, {})
+            if isinstance(family, HistogramMetricFamily):
+                _add_histograms(family, what, starting[what], mine, sums)
+            else:
+                for values in dict.fromkeys(starting[what] + sorted(mine, key=_sort_key)):
+                    family.add_metric([str(v) for v in values], mine.get(values, 0))
+            yield family
+        streams = _streams_family()
+        streams.add_metric([], counts.get((STREAMS,), 0))
+        yield streams
+
+    @staticmethod
+    def _families():
+        """Each family, empty, with what its counts are keyed by."""
+        for what, name, help_text, labels in _COUNTERS:
+            yield CounterMetricFamily(name, help_text, labels=labels), what
+        for what, name, help_text, labels, _bounds in _HISTOGRAMS:
+            yield HistogramMetricFamily(name, help_text, labels=labels), what
+
+
+def _streams_family():
+    return GaugeMetricFamily("jobserver_event_streams_open", "Event streams (SSE) open now.")
+
+
+def _add_histograms(family, what, starting, found, sums):
+    """One histogram per label value: cumulative buckets from the counts per bucket index.
+    An unlabelled histogram's counts are keyed by the label value None."""
+    bounds = (*_BOUNDS[what], float("inf"))
+    series = dict.fromkeys(starting + sorted({key[:-1] for key in found}, key=_sort_key))
+    for values in series:
+        cumulative, buckets = 0, []
+        for index, bound in enumerate(bounds):
+            cumulative += found.get((*values, index), 0)
+            buckets.append((floatToGoString(bound), cumulative))
+        labels = [] if values == (None,) else list(values)
+        family.add_metric(labels, buckets, sums.get((what, *values), 0.0))
+
+
+def _sort_key(values):
+    return tuple(str(v) for v in values)
 
 
 class _LiveGauges:

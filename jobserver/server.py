@@ -191,7 +191,7 @@ class JobServer:
         created = sum(1 for _job, was_created in results if was_created)
         if created:
             self.pool.wake()
-            self.metrics.count_submitted(job.task for job, was_created in results if was_created)
+            self.metrics.count_submitted(results)
             self._depth = (self._depth[0], self._depth[1] + created)
         # a repeat shows its stored params (equal, as its request hash matched, but in the
         # journal's key order, as every later read shows them)

@@ -513,6 +513,7 @@ def _exercise(j):
     j.insert_jobs([make_job(idempotency_key="k", request_hash="1" * 64)])
     b_id, _c_id, d_id = insert(j), insert(j), insert(j)
     j.count_queued()
+    j.job_gauges()
     with pytest.raises(WriteRefused):  # a duplicate id: the batch runs again under savepoints
         j.insert_jobs([make_job(id=b_id)])
     ja, jb, jc = j.claim("n", 3, 1)
