@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from http_fixtures import FAST
 
 BIN = Path(sys.executable).parent
 JOBSERVER = str(BIN / "jobserver")
-FAST = ["--workers", "2", "--poll-interval", "0.05", "--lease-seconds", "3", "--shutdown-grace", "1"]
+# the suite's short intervals as serve flags (a shorter lease: a killed serve's jobs return sooner)
+FAST_FLAGS = [word for name, value in dict(FAST, lease_seconds=3).items()
+              for word in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def free_port():
@@ -43,7 +46,7 @@ class ServeProcess:
         self.log_path = Path(log_path)
         cmd = [JOBSERVER, "serve"]
         if args is None:
-            args = ["--db", db, "--port", str(self.port), "--tasks", "jobserver.demo", *FAST]
+            args = ["--db", db, "--port", str(self.port), "--tasks", "jobserver.demo", *FAST_FLAGS]
         self.cmd = cmd + list(args)
         self.env = env if env is not None else clean_env()
         self.proc = None

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from tests.conftest import wait_for
-from tests.liveserver import clean_env, free_port
+from conftest import wait_for
+from liveserver import clean_env, free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app.py"
 INJECTION = "x'); DROP TABLE projects;--"
