@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from urllib.parse import urlparse, urlunparse
 
 from .auth import create_token, is_loopback_host
 from .client import Client, ClientError, RemoteJobError
@@ -22,6 +21,7 @@ from .errors import JobserverError
 from .http import create_app
 from .httpserver import create_http_server, raise_open_file_limit
 from .journal import open_journal
+from .redact import mask_url
 from .server import JobServer
 
 log = logging.getLogger("jobserver")
@@ -121,18 +121,6 @@ def build_config(args, flags, environ):
             continue
         changes[flag.field] = tuple(value) if flag.many else value
     return Config().with_(**changes)
-
-
-def mask_url(url):
-    """The journal URL with its password replaced by ***, for logs."""
-    parsed = urlparse(url)
-    if not parsed.password:
-        return url
-    user = parsed.username or ""
-    host = parsed.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = f":{parsed.port}" if parsed.port else ""
-    return urlunparse(parsed._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 class GracefulExit:
