@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from .auth import create_token, is_loopback_host
 from .client import Client, ClientError, RemoteJobError
 from .config import Config
-from .errors import JobserverError
+from .errors import JobserverError, JournalUnavailable
 from .http import create_app
 from .httpserver import create_http_server, raise_open_file_limit
-from .journal import open_journal
+from .journal import open_journal, root_cause
 from .redact import mask_url
 from .server import JobServer
 
@@ -158,11 +158,18 @@ class GracefulExit:
 
 
 def _make_server(config):
-    """JobServer for `config`, or SystemExit with a readable message."""
+    """JobServer for `config` whose journal takes writes, or SystemExit with a readable message."""
     try:
-        return JobServer(config=config)
+        server = JobServer(config=config)
     except (JobserverError, ValueError, ImportError) as exc:
         raise SystemExit(f"jobserver: error: {exc}") from None
+    try:
+        server.journal.writable()  # one tiny transaction: else every submit would be a 503
+    except JournalUnavailable as exc:
+        server.stop()
+        raise SystemExit(f"jobserver: error: {exc} ({root_cause(exc)}): the journal {mask_url(config.db)} "
+                         "must be writable by this user (for SQLite, its file and its directory)") from None
+    return server
 
 
 def serve(config):

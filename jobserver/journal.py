@@ -27,6 +27,9 @@ __all__ = ["Journal", "open_journal", "State", "TERMINAL", "SCHEMA_VERSION", "de
 
 log = logging.getLogger(__name__)
 
+WRITE_PROBE = "write_probe"  # the settings row that Journal.writable() rewrites
+WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
+
 
 class State(str, Enum):
     """A job's state; the table's CHECK constraint holds the same closed set."""
@@ -95,6 +98,8 @@ class Journal:
         self._progress = {}  # (job id, lease token) -> newest progress note not yet written
         self._progress_lock = threading.Lock()
         self._closed = False
+        self._write_probe = (float("-inf"), None)  # (monotonic time, error or None) of the last probe
+        self._write_probe_lock = threading.Lock()
 
     # --- plumbing ---------------------------------------------------------------------
     def close(self):
@@ -175,6 +180,45 @@ class Journal:
     def ping(self):
         """Raise JournalUnavailable unless the database answers."""
         return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
+
+    def writable(self) -> None:
+        """Raise JournalUnavailable if the journal refuses writes (a read-only file, directory
+        or database server, a full disk), logging the cause once when that begins.
+
+        The answer comes from one tiny write transaction, made through the group committer
+        (so it shares a commit with whatever else is being written) at most every
+        WRITE_PROBE_SECONDS; in between, callers get the last outcome, so a health check
+        polled every second costs no fsync of its own."""
+        checked_at, error = self._write_probe
+        if (time.monotonic() - checked_at >= WRITE_PROBE_SECONDS
+                and self._write_probe_lock.acquire(blocking=False)):
+            try:
+                error = self._probe_write(was_refusing=error is not None)
+                self._write_probe = (time.monotonic(), error)
+            finally:
+                self._write_probe_lock.release()
+        if error is not None:
+            raise error
+
+    def _probe_write(self, was_refusing):
+        """None if a write commits, else the JournalUnavailable to raise (its cause chained)."""
+        stamp = str(time.time_ns())  # a new value: an UPDATE that changes nothing writes nothing
+
+        def op(cur):
+            cur.execute(self.sql.touch_setting, (stamp, WRITE_PROBE))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.add_setting, (WRITE_PROBE, stamp))
+        try:
+            self._write(op)
+        except JournalUnavailable as exc:
+            if not was_refusing:
+                log.warning("the journal refuses writes: %s", root_cause(exc))
+            refused = JournalUnavailable("the journal refuses writes")
+            refused.__cause__ = exc
+            return refused
+        if was_refusing:
+            log.info("the journal takes writes again")
+        return None
 
     def _now(self, cur):
         """The database's clock in ms: run_at and leases are compared with it."""
@@ -535,6 +579,13 @@ class Journal:
 
     def projects_for(self, job_id):
         return self._read(lambda cur: (cur.execute(self.sql.get_projects, (job_id,)), _rows(cur))[1])
+
+
+def root_cause(exc):
+    """The innermost cause of `exc`, as text: the driver's own words for what failed."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
 
 
 def open_journal(url, **options):

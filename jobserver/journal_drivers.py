@@ -106,10 +106,19 @@ class SqliteDriver:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(_SYNCHRONOUS[self.synchronous])
         except sqlite3.Error as exc:
-            raise JournalUnavailable(f"cannot open SQLite journal {self.path}: {exc}") from exc
+            raise JournalUnavailable(self._open_failure(exc)) from exc
         with self._lock:
             self._all.append(conn)
         return conn
+
+    def _open_failure(self, exc):
+        """Why the journal could not be opened, in words that point at the fix."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.access(directory, os.W_OK):  # WAL mode makes its -wal and -shm files there
+            return f"the SQLite journal {self.path} refuses writes: its directory is read-only ({exc})"
+        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            return f"the SQLite journal {self.path} refuses writes: {exc}"
+        return f"cannot open SQLite journal {self.path}: {exc}"
 
     def read(self, fn):
         if self._closed:

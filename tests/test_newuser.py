@@ -2,15 +2,19 @@
 task modules in the current directory, the list cursor, client URLs, tokens, the docs.
 
 CLI tests run the real `jobserver` command (liveserver.run_cli / ServeProcess)."""
+import resource
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import MYSQL_URL
-from liveserver import clean_env, free_port, run_cli
+import requests
+from conftest import MYSQL_URL, wait_for
+from http_fixtures import assert_problem, launch
+from liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
+from jobserver import JobServer
 from jobserver.redact import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +69,102 @@ def test_mask_url_hides_every_form_of_password():
     assert mask_url("mysql://db:3306/jobs") == "mysql://db:3306/jobs"
     assert mask_url("sqlite:///jobserver.db") == "sqlite:///jobserver.db"
     assert mask_url("sqlite:////tmp/a:b@c.db") == "sqlite:////tmp/a:b@c.db"
+
+
+# --- b. a journal that refuses writes ---------------------------------------------------
+# Root ignores file permissions, so `chmod 444` cannot show the user's case when the tests
+# run as root. A read-only bind mount does: made inside a private mount namespace of the
+# server's own process (unshare --mount), it binds root as well, is gone when the process
+# ends, and needs only the CAP_SYS_ADMIN that root has here and in CI (same kind of machine).
+READ_ONLY = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+
+
+def _read_only_or_skip(tmp_path):
+    target = tmp_path / "probe"
+    target.write_text("")
+    try:
+        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY,
+                                str(target), "sh", "-c", 'echo x > "$0"', str(target)],
+                               capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here")
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip("cannot make a read-only bind mount here: " + probe.stderr[-300:])
+
+
+def _prepared_journal(tmp_path):
+    db = f"sqlite:///{tmp_path / 'journal' / 'journal.db'}"
+    JobServer(db).stop()  # a journal as an earlier run left it (schema and callback secret made)
+    return db
+
+
+def _serve_with_read_only(target, db, tmp_path):
+    """`jobserver serve` with `target` (a file or a directory) read-only; (exit status, log)."""
+    _read_only_or_skip(tmp_path)
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY,
+                                 str(target), JOBSERVER, "serve", "--db", db, "--port", str(port),
+                                 "--tasks", "jobserver.demo"],
+                                stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    try:
+        code = proc.wait(20)
+    except subprocess.TimeoutExpired:
+        healthz = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"serve kept running (healthz {healthz.status_code}):\n"
+                    + (tmp_path / "serve.log").read_text())
+    return code, (tmp_path / "serve.log").read_text()
+
+
+def test_serve_refuses_to_start_on_a_read_only_journal_file(tmp_path):
+    """The journal's file read-only, its directory writable: as `chmod 444 journal.db` is for
+    a user who is not root (see READ_ONLY above for how)."""
+    db = _prepared_journal(tmp_path)
+    code, log = _serve_with_read_only(tmp_path / "journal" / "journal.db", db, tmp_path)
+    assert code == 1, log
+    assert "refuses writes" in log and "serving" not in log, log
+
+
+def test_serve_refuses_to_start_in_a_read_only_directory(tmp_path):
+    """The journal's directory read-only (SQLite cannot make its -wal and -shm files there)."""
+    db = _prepared_journal(tmp_path)
+    code, log = _serve_with_read_only(tmp_path / "journal", db, tmp_path)
+    assert code == 1, log
+    assert "refuses writes" in log and "serving" not in log, log
+
+
+def test_healthz_reports_a_journal_that_stopped_taking_writes(sqlite_url, tmp_path):
+    """A file size limit of 0 on the serving process (prlimit RLIMIT_FSIZE, which binds root
+    too and needs no privilege for one's own child) makes every write of its journal fail, as
+    a full disk would: /healthz turns 503 within a few seconds, says why without a path or a
+    secret, and turns 200 again once writes work."""
+    with ServeProcess(tmp_path / "serve.log", db=sqlite_url) as srv:
+        soft, hard = resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (0, hard))
+        answers = []  # (a Response is falsy when its status is an error: keep it aside)
+        try:
+            wait_for(lambda: answers.append(requests.get(srv.url + "/healthz", timeout=10))
+                     or answers[-1].status_code == 503, timeout=20, message="healthz 503")
+        finally:
+            resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        problem = assert_problem(answers[-1], 503)
+        assert "refuses writes" in problem["detail"]
+        assert str(tmp_path) not in answers[-1].text
+        wait_for(lambda: requests.get(srv.url + "/healthz", timeout=10).status_code == 200,
+                 timeout=20, message="healthz 200 again")
+
+
+def test_healthz_does_not_write_on_every_call(sqlite_url):
+    """Fifty health checks in a row make a write probe or two between them, not fifty."""
+    with launch(sqlite_url, start=False) as live:  # no pool: nothing else writes meanwhile
+        wal = Path(urlparse(sqlite_url).path[1:] + "-wal")
+        assert live.get("/healthz").status_code == 200
+        size = wal.stat().st_size
+        for _ in range(50):
+            assert live.get("/healthz").status_code == 200
+        assert wal.stat().st_size - size <= 4 * (4096 + 24)  # WAL frames of one or two probes
 
 
 # --- d. the suite's shape ---------------------------------------------------------------
