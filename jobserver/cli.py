@@ -172,6 +172,14 @@ def _make_server(config):
     return server
 
 
+def _import_from_cwd():
+    """Let --tasks name a module in the current directory, as `flask --app` and `celery -A`
+    do: a console script's sys.path starts with its own bin directory, not the cwd."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def serve(config):
     """Serve the HTTP API with waitress and run the pool in this process until a signal."""
     server = _make_server(config)
@@ -418,6 +426,7 @@ def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
     if args.command in ("serve", "worker"):
+        _import_from_cwd()
         logging.basicConfig(level=environ.get("JOBSERVER_LOG_LEVEL", "INFO").upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # waitress warns on every request that waits for a thread: under load that is a

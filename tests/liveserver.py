@@ -38,9 +38,10 @@ def run_cli(*args, env=None, timeout=60):
 
 
 class ServeProcess:
-    """`jobserver serve` with the demo tasks; `args` replace the default flags when given."""
+    """`jobserver serve` with the demo tasks; `args` replace the default flags when given,
+    `cwd` is where it runs (default: here)."""
 
-    def __init__(self, log_path, db=None, port=None, args=None, env=None):
+    def __init__(self, log_path, db=None, port=None, args=None, env=None, cwd=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -49,11 +50,13 @@ class ServeProcess:
             args = ["--db", db, "--port", str(self.port), "--tasks", "jobserver.demo", *FAST_FLAGS]
         self.cmd = cmd + list(args)
         self.env = env if env is not None else clean_env()
+        self.cwd = cwd
         self.proc = None
 
     def start(self, timeout=30):
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

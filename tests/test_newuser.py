@@ -3,8 +3,10 @@ task modules in the current directory, the list cursor, client URLs, tokens, the
 
 CLI tests run the real `jobserver` command (liveserver.run_cli / ServeProcess)."""
 import resource
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,7 +16,8 @@ from conftest import MYSQL_URL, wait_for
 from http_fixtures import assert_problem, launch
 from liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
-from jobserver import JobServer
+from jobserver import JobServer, Registry
+from jobserver.client import TERMINAL, Client
 from jobserver.redact import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +168,48 @@ def test_healthz_does_not_write_on_every_call(sqlite_url):
         for _ in range(50):
             assert live.get("/healthz").status_code == 200
         assert wal.stat().st_size - size <= 4 * (4096 + 24)  # WAL frames of one or two probes
+
+
+# --- c. task modules in the current directory -------------------------------------------
+MYTASKS = textwrap.dedent('''
+    from jobserver import task
+
+    @task(name="my.hello")
+    def hello(ctx, name="world"):
+        return f"hello {name}"
+''')
+
+
+def test_serve_imports_tasks_from_the_current_directory(tmp_path):
+    (tmp_path / "mytasks.py").write_text(MYTASKS)
+    port = free_port()
+    args = ["--tasks", "mytasks", "--port", str(port), "--db", "sqlite:///journal.db"]
+    with ServeProcess(tmp_path / "serve.log", port=port, args=args, cwd=tmp_path) as srv:
+        with Client(srv.url) as client:
+            assert client.submit("my.hello", name="you").get(timeout=20) == "hello you"
+
+
+def test_worker_imports_tasks_from_the_current_directory(tmp_path):
+    (tmp_path / "mytasks.py").write_text(MYTASKS)
+    db = f"sqlite:///{tmp_path / 'journal.db'}"
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([JOBSERVER, "worker", "--tasks", "mytasks", "--db", db,
+                                 "--poll-interval", "0.05"], stdout=log, stderr=subprocess.STDOUT,
+                                env=clean_env(), cwd=tmp_path)
+    try:
+        known = Registry()  # this process only submits: it needs the name, not the module
+        known.task("my.hello")(lambda ctx, name="world": None)
+        submitter = JobServer(db, tasks=known)
+        try:
+            job_id = submitter.submit("my.hello")
+            job = wait_for(lambda: (lambda j: j if j["state"] in TERMINAL else None)(submitter.get(job_id)),
+                           timeout=30, message="the worker to run the job")
+        finally:
+            submitter.stop()
+        assert job["state"] == "succeeded" and job["result"] == "hello world"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 # --- d. the suite's shape ---------------------------------------------------------------
