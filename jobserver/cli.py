@@ -169,7 +169,17 @@ def _make_server(config):
         server.stop()
         raise SystemExit(f"jobserver: error: {exc} ({root_cause(exc)}): the journal {mask_url(config.db)} "
                          "must be writable by this user (for SQLite, its file and its directory)") from None
+    _warn_without_tasks(server, config)
     return server
+
+
+def _warn_without_tasks(server, config):
+    """Say so when this process can run nothing: every submit would be a 422 unknown-task."""
+    if not config.tasks:
+        log.warning("no task modules given (--tasks MODULE ..., env JOBSERVER_TASKS): this server "
+                    "knows no tasks; to try it out, serve the demo ones: --tasks jobserver.demo")
+    elif not any(True for _spec in server.registry):
+        log.warning("the task modules %s registered no tasks (with @task)", " ".join(config.tasks))
 
 
 def _import_from_cwd():

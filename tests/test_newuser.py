@@ -221,3 +221,26 @@ def test_plain_pytest_and_python_dash_m_pytest_collect_from_the_repo_root(comman
                           capture_output=True, text=True, timeout=120, env=clean_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "error" not in done.stdout.splitlines()[-1], done.stdout[-3000:]
+
+
+# --- g. serve without --tasks -----------------------------------------------------------
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_starting_without_tasks_says_so(command, tmp_path):
+    port = free_port()
+    args = ["--db", f"sqlite:///{tmp_path / 'journal.db'}", "--poll-interval", "0.05"]
+    if command == "serve":
+        with ServeProcess(tmp_path / "serve.log", port=port, args=args + ["--port", str(port)]) as srv:
+            log = srv.log()
+    else:
+        with open(tmp_path / "worker.log", "wb") as out:
+            proc = subprocess.Popen([JOBSERVER, "worker", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=clean_env())
+        try:
+            wait_for(lambda: "jobserver worker" in (tmp_path / "worker.log").read_text(), timeout=30,
+                     message="the worker to start")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        log = (tmp_path / "worker.log").read_text()
+    warning = [line for line in log.splitlines() if "WARNING" in line and "--tasks" in line]
+    assert warning and "jobserver.demo" in warning[0], log
