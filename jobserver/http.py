@@ -60,6 +60,8 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 TURNS = 1  # request threads running the API's Python at once (see admission.py)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# a list cursor is the id of a page's last job: a UUIDv7 as ids.new_id() writes it, nothing else
+_CURSOR = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _READ_CHUNK = 64 * 1024
 _REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
@@ -293,7 +295,7 @@ class Api:
         """GET /jobs: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
         args = request.args
         cursor = args.get("cursor") or None
-        if cursor is not None and not _ID.match(cursor):
+        if cursor is not None and not _CURSOR.match(cursor):
             raise BadRequest("'cursor' is not a cursor this server gave out")
         task = args.get("task") or None
         if task is not None and len(task) > 200:

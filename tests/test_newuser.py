@@ -223,6 +223,19 @@ def test_plain_pytest_and_python_dash_m_pytest_collect_from_the_repo_root(comman
     assert "error" not in done.stdout.splitlines()[-1], done.stdout[-3000:]
 
 
+# --- f. a cursor the server never gave --------------------------------------------------
+def test_list_refuses_a_cursor_it_never_gave(sqlite_url):
+    with launch(sqlite_url, start=False) as live:
+        ids = [live.post("/jobs", json={"task": "t.echo"}).json()["id"] for _ in range(3)]
+        for garbage in ("garbage", ids[0].upper(), ids[0][:-1], ids[0] + "0", "0" * 36,
+                        ids[0].replace("-", "")):
+            assert_problem(live.get("/jobs", params={"cursor": garbage}), 400)
+        page = live.get("/jobs", params={"limit": 1}).json()
+        assert page["next"] == ids[-1]
+        rest = live.get("/jobs", params={"cursor": page["next"]}).json()
+        assert [job["id"] for job in rest["jobs"]] == ids[-2::-1]
+
+
 # --- g. serve without --tasks -----------------------------------------------------------
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_starting_without_tasks_says_so(command, tmp_path):
