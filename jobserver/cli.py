@@ -324,7 +324,12 @@ def run_client_command(args, environ):
     """Run a command that talks HTTP; errors go to stderr with a non-zero exit."""
     url = args.url or environ.get("JOBSERVER_URL") or DEFAULT_URL
     token = args.token or environ.get("JOBSERVER_TOKEN")
-    with Client(url, token=token, timeout=args.http_timeout) as client:
+    try:
+        client = Client(url, token=token, timeout=args.http_timeout)
+    except ValueError as exc:
+        print(f"jobserver: error: --url / JOBSERVER_URL: {exc}", file=sys.stderr)
+        return 1
+    with client:
         try:
             return args.run(client, args)
         except (ClientError, RemoteJobError, TimeoutError) as exc:

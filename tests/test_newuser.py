@@ -2,6 +2,7 @@
 task modules in the current directory, the list cursor, client URLs, tokens, the docs.
 
 CLI tests run the real `jobserver` command (liveserver.run_cli / ServeProcess)."""
+import json
 import resource
 import signal
 import subprocess
@@ -257,3 +258,19 @@ def test_starting_without_tasks_says_so(command, tmp_path):
         log = (tmp_path / "worker.log").read_text()
     warning = [line for line in log.splitlines() if "WARNING" in line and "--tasks" in line]
     assert warning and "jobserver.demo" in warning[0], log
+
+
+# --- h. a server URL without http:// ----------------------------------------------------
+def test_client_commands_accept_a_url_without_a_scheme(sqlite_url, tmp_path):
+    with ServeProcess(tmp_path / "serve.log", db=sqlite_url) as srv:
+        bare = srv.url.removeprefix("http://")
+        done = run_cli("submit", "demo.echo", "a=1", "--wait", "20", "--url", bare)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["result"] == {"a": 1}
+        listed = run_cli("list", env=clean_env(JOBSERVER_URL=f"localhost:{srv.port}"))
+        assert listed.returncode == 0, listed.stderr
+        with Client(bare) as client:
+            assert client.health()["status"] == "ok"
+    wrong = run_cli("list", "--url", f"ftp://127.0.0.1:{srv.port}")
+    assert wrong.returncode == 1 and "http://" in wrong.stderr, wrong.stderr
+    assert "connection adapters" not in wrong.stderr
