@@ -341,14 +341,28 @@ def run_client_command(args, environ):
 
 
 def cmd_token_create(args, environ):
+    """Print a new token on stdout (alone, for scripts) and say on stderr which journal has it."""
     config = build_config(args, POOL_FLAGS[:1], environ)
+
+    def create(journal):
+        return create_token(journal, args.name, admin=args.admin), _journal_place(journal, config)
     try:
-        token = with_journal(config, lambda journal: create_token(journal, args.name, admin=args.admin))
+        token, place = with_journal(config, create)
     except (JobserverError, ValueError) as exc:
         print(f"jobserver: error: {exc}", file=sys.stderr)
         return 1
+    kind = "an admin token" if args.admin else "a token"
+    print(f"jobserver: {kind} for {args.name} is in the journal {place}", file=sys.stderr)
     print(token)
     return 0
+
+
+def _journal_place(journal, config):
+    """The journal as a user should see it: its URL, masked, and a SQLite file's full path
+    (a relative sqlite:/// URL lands wherever the command ran)."""
+    path = getattr(journal.driver, "path", None)
+    url = mask_url(config.db)
+    return f"{url} ({os.path.abspath(path)})" if path else url
 
 
 def with_journal(config, fn):

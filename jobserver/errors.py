@@ -65,6 +65,14 @@ class InvalidCallback(JobserverError, ValueError):
     """A callback URL is not allowed (scheme, credentials, or a non-public address)."""
 
 
+class TokenExists(JobserverError):
+    """A token with this name exists already (names are unique: they own jobs)."""
+
+    def __init__(self, name):
+        super().__init__(f"a token named {name} exists")
+        self.name = name
+
+
 class LeaseLost(JobserverError):
     """This worker no longer holds the job's lease; another owner or a state change won."""
 

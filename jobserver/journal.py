@@ -19,7 +19,14 @@ from enum import Enum
 from . import journal_drivers as drivers
 from .admission import waiting
 from .codec import MAX_DOCUMENT, dumps, loads
-from .errors import IdempotencyConflict, InvalidTransition, JournalUnavailable, LeaseLost, ServerClosed
+from .errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JournalUnavailable,
+    LeaseLost,
+    ServerClosed,
+    TokenExists,
+)
 from .groupcommit import GroupCommitter
 from .journal_sql import JOB_COLUMNS, MIGRATIONS, SCHEMA_VERSION, Sql
 
@@ -155,7 +162,7 @@ class Journal:
                 op.error = None
                 try:
                     op.result = op.fn(cur)
-                except (IdempotencyConflict, InvalidTransition, LeaseLost) as exc:
+                except (IdempotencyConflict, InvalidTransition, LeaseLost, TokenExists) as exc:
                     op.error = exc
             if tx.rows:
                 try:
@@ -549,7 +556,7 @@ class Journal:
             try:
                 cur.execute(self.sql.add_token, (name, token_hash, int(admin)))
             except self.driver.integrity_errors:
-                raise InvalidTransition(name, "existing", "create token") from None
+                raise TokenExists(name) from None
         self._write(op)
 
     def find_token(self, token_hash):

@@ -3,6 +3,7 @@ task modules in the current directory, the list cursor, client URLs, tokens, the
 
 CLI tests run the real `jobserver` command (liveserver.run_cli / ServeProcess)."""
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -274,3 +275,26 @@ def test_client_commands_accept_a_url_without_a_scheme(sqlite_url, tmp_path):
     wrong = run_cli("list", "--url", f"ftp://127.0.0.1:{srv.port}")
     assert wrong.returncode == 1 and "http://" in wrong.stderr, wrong.stderr
     assert "connection adapters" not in wrong.stderr
+
+
+# --- i. token create says where it wrote, and a clear duplicate -------------------------
+def test_token_create_names_its_journal_and_a_duplicate_name(tmp_path):
+    made = subprocess.run([JOBSERVER, "token", "create", "alice"], capture_output=True, text=True,
+                          timeout=60, env=clean_env(), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32,}\n", made.stdout), made.stdout  # stdout: the token only
+    assert "sqlite:///jobserver.db" in made.stderr and str(tmp_path / "jobserver.db") in made.stderr
+    again = subprocess.run([JOBSERVER, "token", "create", "alice"], capture_output=True, text=True,
+                           timeout=60, env=clean_env(), cwd=tmp_path)
+    assert again.returncode == 1 and not again.stdout
+    assert "a token named alice exists" in again.stderr, again.stderr
+    assert "it is existing" not in again.stderr
+
+
+@pytest.mark.mysql
+def test_token_create_names_a_mysql_journal(mysql_url):
+    """A MySQL journal is named by its URL, masked (the test server's root has no password,
+    so here the mask changes nothing; test_mask_url_* show what it hides)."""
+    done = run_cli("token", "create", "bob", "--db", mysql_url)
+    assert done.returncode == 0, done.stderr
+    assert mask_url(mysql_url) in done.stderr
