@@ -4,8 +4,8 @@
     job = client.submit("demo.sleep", seconds=2)
     job.get(timeout=30)      # the result, or raises RemoteJobError / TimeoutError
 
-It speaks only the HTTP API of API.md (requests + stdlib), so it knows nothing of the
-server's internals. Every request carries a timeout."""
+It speaks only the HTTP API of docs/api.md (requests + stdlib), so it knows nothing of
+the server's internals. Every request carries a timeout."""
 import time
 from urllib.parse import quote, urlsplit
 

@@ -20,6 +20,7 @@ from liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
 from jobserver import JobServer, Registry
 from jobserver.client import TERMINAL, Client
+from jobserver.http import create_app
 from jobserver.redact import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,3 +299,29 @@ def test_token_create_names_a_mysql_journal(mysql_url):
     done = run_cli("token", "create", "bob", "--db", mysql_url)
     assert done.returncode == 0, done.stderr
     assert mask_url(mysql_url) in done.stderr
+
+
+# --- j, k. the docs -----------------------------------------------------------------------
+def test_the_api_doc_names_every_route_and_the_readme_links_it(sqlite_url):
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/api.md)" in readme and "(docs/operations.md)" in readme
+    api = (ROOT / "docs" / "api.md").read_text()
+    server = JobServer(sqlite_url)
+    try:
+        rules = [rule for rule in create_app(server).url_map.iter_rules() if rule.endpoint != "static"]
+    finally:
+        server.stop()
+    for rule in rules:
+        path = re.sub(r"<(\w+)>", lambda m: "{" + ("id" if m.group(1) == "job_id" else m.group(1)) + "}",
+                      rule.rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            assert f"{method} {path}" in api, f"{method} {path} is not in docs/api.md"
+
+
+def test_the_readme_says_to_activate_the_venv_before_bare_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    lines = [line.lstrip("$ ") for block in blocks for line in block.splitlines()]
+    activate = next((i for i, line in enumerate(lines) if ". .venv/bin/activate" in line), None)
+    bare = [i for i, line in enumerate(lines) if re.match(r"jobserver\s", line)]
+    assert bare and activate is not None and activate < bare[0], lines
