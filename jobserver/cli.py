@@ -69,7 +69,8 @@ class Flag:
 POOL_FLAGS = (
     Flag("db", help="journal URL: sqlite:///path or mysql://user:pw@host:3306/name"),
     Flag("workers", int, "worker threads running jobs"),
-    Flag("tasks", help="modules to import for their @task functions", many=True),
+    Flag("tasks", help="modules to import for their @task functions (the current directory first)",
+         many=True),
     Flag("lease-seconds", float, "seconds a claimed job stays reserved without a heartbeat"),
     Flag("poll-interval", float, "seconds between looks for jobs other processes added"),
     Flag("shutdown-grace", float, "seconds running jobs get to finish at shutdown"),
