@@ -57,6 +57,15 @@ class JournalUnavailable(JobserverError):
     """The journal database cannot be reached or refused the operation; try again later."""
 
 
+class JournalRefusesWrites(JournalUnavailable):
+    """The journal answers but refuses writes: a read-only file, directory or database
+    server, or a full disk. The message is fixed (no path, no driver text); the cause is
+    chained for the log."""
+
+    def __init__(self):
+        super().__init__("the journal refuses writes")
+
+
 class ServerClosed(JobserverError):
     """The server is shutting down (or not started) and takes no new work."""
 

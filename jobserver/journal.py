@@ -22,6 +22,7 @@ from .codec import MAX_DOCUMENT, dumps, loads
 from .errors import (
     IdempotencyConflict,
     InvalidTransition,
+    JournalRefusesWrites,
     JournalUnavailable,
     LeaseLost,
     ServerClosed,
@@ -189,8 +190,9 @@ class Journal:
         return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
 
     def writable(self) -> None:
-        """Raise JournalUnavailable if the journal refuses writes (a read-only file, directory
-        or database server, a full disk), logging the cause once when that begins.
+        """Raise JournalRefusesWrites (a JournalUnavailable) if the journal refuses writes (a
+        read-only file, directory or database server, a full disk), logging the cause once
+        when that begins.
 
         The answer comes from one tiny write transaction, made through the group committer
         (so it shares a commit with whatever else is being written) at most every
@@ -220,7 +222,7 @@ class Journal:
         except JournalUnavailable as exc:
             if not was_refusing:
                 log.warning("the journal refuses writes: %s", root_cause(exc))
-            refused = JournalUnavailable("the journal refuses writes")
+            refused = JournalRefusesWrites()
             refused.__cause__ = exc
             return refused
         if was_refusing:
