@@ -43,6 +43,7 @@ from .errors import (
     InvalidTransition,
     JobNotFound,
     JobserverError,
+    JournalRefusesWrites,
     JournalUnavailable,
     QueueFull,
     ServerClosed,
@@ -60,6 +61,8 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 TURNS = 1  # request threads running the API's Python at once (see admission.py)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# a list cursor is the id of a page's last job: a UUIDv7 as ids.new_id() writes it, nothing else
+_CURSOR = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _READ_CHUNK = 64 * 1024
 _REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
@@ -78,6 +81,7 @@ _PROBLEMS = (
     (IdempotencyConflict, 409, "idempotency-conflict", "Idempotency key already used", None),
     (InvalidTransition, 409, "invalid-transition", "Not allowed in this state", None),
     (QueueFull, 429, "queue-full", "Queue full", None),
+    (JournalRefusesWrites, 503, "unavailable", "Journal refuses writes", None),
     (JournalUnavailable, 503, "unavailable", "Journal unavailable",
      "the journal is unavailable; try again later"),
     (ServerClosed, 503, "unavailable", "Server shutting down", None),
@@ -293,7 +297,7 @@ class Api:
         """GET /jobs: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
         args = request.args
         cursor = args.get("cursor") or None
-        if cursor is not None and not _ID.match(cursor):
+        if cursor is not None and not _CURSOR.match(cursor):
             raise BadRequest("'cursor' is not a cursor this server gave out")
         task = args.get("task") or None
         if task is not None and len(task) > 200:

@@ -24,9 +24,11 @@ from .errors import (
     IdempotencyConflict,
     InvalidJob,
     InvalidTransition,
+    JournalRefusesWrites,
     JournalUnavailable,
     LeaseLost,
     ServerClosed,
+    TokenExists,
     WriteRefused,
 )
 from .groupcommit import GroupCommitter
@@ -35,6 +37,9 @@ from .journal_sql import JOB_COLUMNS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_
 __all__ = ["Journal", "open_journal", "State", "TERMINAL", "SCHEMA_VERSION", "decode_job"]
 
 log = logging.getLogger(__name__)
+
+WRITE_PROBE = "write_probe"  # the settings row that Journal.writable() rewrites
+WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
 
 
 class State(str, Enum):
@@ -49,7 +54,7 @@ class State(str, Enum):
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
 
-_DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost)  # an op's own answer, not a failure
+_DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost, TokenExists)  # an op's own answer, not a failure
 _BATCH_ATTEMPTS = 12  # transient failures (busy, deadlock) of one batch before it gives up: ~6 s
 
 
@@ -115,6 +120,8 @@ class Journal:
         self._progress = {}  # (job id, lease token) -> newest progress note not yet written
         self._progress_lock = threading.Lock()
         self._closed = False
+        self._write_probe = (float("-inf"), None)  # (monotonic time, error or None) of the last probe
+        self._write_probe_lock = threading.Lock()
 
     # --- plumbing ---------------------------------------------------------------------
     def close(self):
@@ -283,6 +290,46 @@ class Journal:
     def ping(self):
         """Raise JournalUnavailable unless the database answers."""
         return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
+
+    def writable(self) -> None:
+        """Raise JournalRefusesWrites (a JournalUnavailable) if the journal refuses writes (a
+        read-only file, directory or database server, a full disk), logging the cause once
+        when that begins.
+
+        The answer comes from one tiny write transaction, made through the group committer
+        (so it shares a commit with whatever else is being written) at most every
+        WRITE_PROBE_SECONDS; in between, callers get the last outcome, so a health check
+        polled every second costs no fsync of its own."""
+        checked_at, error = self._write_probe
+        if (time.monotonic() - checked_at >= WRITE_PROBE_SECONDS
+                and self._write_probe_lock.acquire(blocking=False)):
+            try:
+                error = self._probe_write(was_refusing=error is not None)
+                self._write_probe = (time.monotonic(), error)
+            finally:
+                self._write_probe_lock.release()
+        if error is not None:
+            raise error
+
+    def _probe_write(self, was_refusing):
+        """None if a write commits, else the JournalUnavailable to raise (its cause chained)."""
+        stamp = str(time.time_ns())  # a new value: an UPDATE that changes nothing writes nothing
+
+        def op(cur):
+            cur.execute(self.sql.touch_setting, (stamp, WRITE_PROBE))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.add_setting, (WRITE_PROBE, stamp))
+        try:
+            self._write(op)
+        except JournalUnavailable as exc:
+            if not was_refusing:
+                log.warning("the journal refuses writes: %s", root_cause(exc))
+            refused = JournalRefusesWrites()
+            refused.__cause__ = exc
+            return refused
+        if was_refusing:
+            log.info("the journal takes writes again")
+        return None
 
     def _now(self, cur):
         """The database's clock in ms: run_at and leases are compared with it."""
@@ -669,7 +716,7 @@ class Journal:
             try:
                 cur.execute(self.sql.add_token, (name, token_hash, int(admin)))
             except self.driver.integrity_errors:
-                raise InvalidTransition(name, "existing", "create token") from None
+                raise TokenExists(name) from None
         self._write(op)
 
     def find_token(self, token_hash):
@@ -706,6 +753,13 @@ def _refused(exc):
     error = WriteRefused(f"the journal refused the write ({type(exc).__name__}: {str(exc)[:300]})")
     error.__cause__ = exc
     return error
+
+
+def root_cause(exc):
+    """The innermost cause of `exc`, as text: the driver's own words for what failed."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
 
 
 def open_journal(url, **options):

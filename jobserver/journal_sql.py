@@ -223,6 +223,7 @@ class Sql:
         self.count_tokens = q("SELECT COUNT(*) FROM tokens")
         self.get_setting = q("SELECT value FROM settings WHERE name = ?")
         self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
+        self.touch_setting = q("UPDATE settings SET value = ? WHERE name = ?")
         self.add_project = q(
             f"INSERT INTO projects (projname, prodesc, job_id, created_at) VALUES (?, ?, ?, {now})")
         self.get_projects = q("SELECT projname, prodesc, job_id FROM projects WHERE job_id = ?")

@@ -324,8 +324,9 @@ class JobServer:
     def health(self, details=False):
         """{"status": "ok"} (or "stopping"); with `details`, also this process's node id
         (host name and pid: for operators, not for anyone who asks). Raises
-        JournalUnavailable unless the journal answers."""
+        JournalUnavailable unless the journal answers and takes writes."""
         self.journal.ping()
+        self.journal.writable()
         health = {"status": "ok" if self.accepting else "stopping"}
         if details:
             health["node"] = self.pool.node_id

@@ -548,6 +548,7 @@ def _exercise(j):
     j.find_token("f" * 64)
     j.has_tokens()
     j.setting("secret", lambda: "whsec_x")
+    j.writable()
     j.add_project("p", "desc", a["id"])
     j.projects_for(a["id"])
     for owner in (None, "alice"):
