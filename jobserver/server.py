@@ -16,6 +16,7 @@ from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, Serve
 from .ids import format_ms, new_id
 from .journal import TERMINAL, State, open_journal
 from .pool import Pool
+from .stats import DEFAULT_QUEUE, summarize
 from .tasks import Registry, default_registry
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ MAX_RETRIES = 100
 MAX_KEY = 190
 MAX_TASK = 200
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
+BULK_LIMIT = 1000  # jobs one bulk call acts on
+BULK_ACTIONS = ("cancel", "retry", "delete")
 _UNSET = object()
 _STATE_NAMES = frozenset(s.value for s in State)
 _FIELDS = frozenset({"task", "params", "priority", "delay", "max_retries", "timeout",
@@ -340,6 +343,46 @@ class JobServer:
             "created_at": format_ms(row["created_at"]), "started_at": format_ms(row["started_at"]),
             "finished_at": format_ms(row["finished_at"]),
         }
+
+    # --- the dashboard: overview, delete, bulk ---------------------------------------
+    def stats(self, owner=None):
+        """The overview of `owner`'s jobs (None: everyone's), as GET /stats answers it."""
+        return summarize(self.journal.stats(owner=owner))
+
+    def delete(self, job_id, owner=None):
+        """Forget a terminal job, its steps and its callback deliveries.
+
+        JobNotFound if `owner` may not see it; InvalidTransition if it has not ended."""
+        self._visible(job_id, owner)
+        self.journal.delete_job(job_id)
+
+    def bulk(self, action, owner=None, state=None, task=None, queue=None, ids=None, cursor=None,
+             limit=BULK_LIMIT):
+        """Apply cancel, retry or delete to the next `limit` of `owner`'s jobs that the
+        filter matches, newest first, below `cursor`. Returns (matched, changed, next cursor).
+
+        Each job changes as its single-job action would change it (guarded by its state);
+        a job the filter names that the action does not apply to is matched, not changed."""
+        if action not in BULK_ACTIONS:
+            raise InvalidJob(f"'action' is one of {', '.join(BULK_ACTIONS)}")
+        if state is not None and state not in _STATE_NAMES:
+            raise InvalidJob(f"unknown state {state!r}")
+        if queue is not None and queue != DEFAULT_QUEUE:
+            return 0, 0, None  # every job is in the default queue until queues land
+        page = self.journal.bulk_page(owner=owner, state=state, task=task, before=cursor,
+                                      ids=ids, limit=limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
+        changed = self.journal.bulk(action, [job_id for job_id, _state in page],
+                                    self.pool._callback_id) if page else {}
+        for job_id, outcome in changed.items():  # what the single-job actions announce
+            if outcome == State.CANCELLED:
+                self._on_event("state", job_id, {"state": "cancelled"})
+            elif outcome == State.RUNNING:
+                self.pool.cancel_local(job_id)
+        if action == "retry" and changed:
+            self.pool.wake()
+        return len(page), len(changed), (page[-1][0] if more else None)
 
 
 def _public_callback(row, callback):
