@@ -87,7 +87,7 @@ def make_rows(n, now_ms, days, seed=7, unfinished=300):
         yield tuple(row)
 
 
-def fill(journal, n, days=7.0, now_ms=None):
+def fill(journal, n, days=7.0, now_ms=None, unfinished=300):
     """Write `n` jobs into `journal` with its own INSERT, CHUNK rows per transaction."""
     now_ms = now_ms or time.time_ns() // 1_000_000
     statement = journal.sql.insert_job
@@ -97,7 +97,7 @@ def fill(journal, n, days=7.0, now_ms=None):
         rows = list(batch)
         journal.driver.write_transaction(lambda cur: cur.executemany(statement, rows))
         batch.clear()
-    for row in make_rows(n, now_ms, days):
+    for row in make_rows(n, now_ms, days, unfinished=unfinished):
         batch.append(row)
         if len(batch) >= CHUNK:
             flush()

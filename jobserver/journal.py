@@ -531,12 +531,13 @@ class Journal:
         return self._read(lambda cur: (cur.execute(self.sql.get_projects, (job_id,)), _rows(cur))[1])
 
     # --- the dashboard: overview, delete, bulk ----------------------------------------
-    def stats(self, owner=None, sample=5000):
+    def stats(self, owner=None, sample=2000, day=True):
         """What the overview shows, read at the journal's clock (`now`, ms): unfinished jobs
         by state, finished ones by state in the last hour and day ({"hour": {state: n},
         "day": ...}), finished per minute and state since `minutes_from` (the start of the
         minute 59 minutes ago) as [(minute, {state: n})], jobs submitted in the last hour,
-        and the newest `sample` runs of the last hour.
+        and the newest `sample` runs of the last hour. `day=False` skips the day's counts
+        (the one read that grows with a whole day of jobs: callers may keep it a while).
 
         Every read is a range of an index (jobs_finished, the primary key, jobs_owner),
         so its cost follows the hour's and the day's jobs, not the table's size."""
@@ -546,12 +547,12 @@ class Journal:
 
         def read(cur):
             now = self._now(cur)
-            hour, day = now - 3_600_000, now - 86_400_000
+            hour, day_from = now - 3_600_000, now - 86_400_000
             minutes_from = (now // 60_000 - 59) * 60_000
             cur.execute(getattr(sql, "stats_unfinished" + suffix), own)
             unfinished = {state: int(n) for state, n in cur.fetchall()}
             finished = {}
-            for window, since in (("hour", hour), ("day", day)):
+            for window, since in (("hour", hour), ("day", day_from))[:2 if day else 1]:
                 cur.execute(getattr(sql, "stats_finished" + suffix), (since, *own))
                 finished[window] = dict(zip(_ENDED, (int(n or 0) for n in cur.fetchone())))
             cur.execute(getattr(sql, "stats_minutes" + suffix), (minutes_from, *own))

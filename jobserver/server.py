@@ -30,6 +30,7 @@ MAX_KEY = 190
 MAX_TASK = 200
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
 BULK_LIMIT = 1000  # jobs one bulk call acts on
+STATS_DAY_TTL = 30.0  # seconds the overview's last-day counts are kept
 BULK_ACTIONS = ("cancel", "retry", "delete")
 _UNSET = object()
 _STATE_NAMES = frozenset(s.value for s in State)
@@ -112,6 +113,7 @@ class JobServer:
         self.callback_guard = self.deliverer.guard.check  # url -> url, or InvalidCallback
         self.add_listener(self.deliverer.on_event)
         self._depth = (0.0, 0)
+        self._day_counts = {}  # owner -> (monotonic time, the last day's counts): stats()
         self._state = "new"
         self._lock = threading.Lock()
 
@@ -346,8 +348,22 @@ class JobServer:
 
     # --- the dashboard: overview, delete, bulk ---------------------------------------
     def stats(self, owner=None):
-        """The overview of `owner`'s jobs (None: everyone's), as GET /stats answers it."""
-        return summarize(self.journal.stats(owner=owner))
+        """The overview of `owner`'s jobs (None: everyone's), as GET /stats answers it.
+
+        The last day's counts are read at most every STATS_DAY_TTL seconds per owner (a
+        day of jobs is the one range that is long to count); the rest is read each time."""
+        cache = self._day_counts
+        now = time.monotonic()
+        cached = cache.get(owner)
+        fresh = cached is not None and now - cached[0] < STATS_DAY_TTL
+        raw = self.journal.stats(owner=owner, day=not fresh)
+        if fresh:
+            raw["finished"]["day"] = cached[1]
+        else:
+            if len(cache) >= 1024:  # one entry per owner looking: bounded all the same
+                cache.clear()
+            cache[owner] = (now, raw["finished"]["day"])
+        return summarize(raw)
 
     def delete(self, job_id, owner=None):
         """Forget a terminal job, its steps and its callback deliveries.

@@ -187,7 +187,7 @@ def test_stats_counts_series_and_percentiles_owner_scoped(live):
     tasks = {t["task"]: t for t in stats["tasks"]}
     assert tasks["t.echo"]["runs"] == 3 and tasks["t.fail"]["failed"] == 1
     assert 0 <= tasks["t.echo"]["run_p50"] <= tasks["t.echo"]["run_p95"] < 5
-    assert stats["sample"] == {"runs": 4, "limit": 5000, "complete": True}
+    assert stats["sample"] == {"runs": 4, "limit": 2000, "complete": True}
 
     everyone = live.get("/stats", token=root).json()
     assert everyone["viewer"] == {"name": "root", "admin": True}

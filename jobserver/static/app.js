@@ -360,6 +360,7 @@
     renderTiles(stats);
     renderChart(stats.minutes);
     renderQueues(stats.queues || []);
+    renderRates(stats);
     renderTasks(stats);
     fillQueueFilter(stats.queues || []);
     return stats;
@@ -391,11 +392,12 @@
     const totals = minutes.succeeded.map((v, i) => v + minutes.failed[i] + minutes.cancelled[i]);
     const peak = Math.max(1, ...totals);
     const top = niceCeil(peak);
-    const W = 720, H = 150, left = 34, right = 6, bottom = 18, topPad = 8;
+    // drawn at the box's own width, so the labels keep their shape on any screen
+    const W = Math.max(280, Math.round(box.clientWidth || 720)), H = 150, left = 34, right = 6, bottom = 18, topPad = 8;
     const plotW = W - left - right, plotH = H - bottom - topPad;
     const slot = plotW / n, barW = Math.max(1, slot * 0.72);
     const y = (v) => topPad + plotH - (v / top) * plotH;
-    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
+    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
       "aria-label": "jobs finished per minute over the last hour" });
     for (const frac of [0, 0.5, 1]) {
       const v = top * frac;
@@ -448,6 +450,19 @@
         h("td", { class: "num", text: fmtNum(q.running) }), h("td", { class: "num", text: fmtNum(q.waiting || 0) })));
     }
     table.append(body);
+  }
+
+  function renderRates(stats) {
+    const dl = clear($("rates"));
+    const rate = (w) => {
+      const ended = w.succeeded + w.failed;
+      return ended ? (100 * w.failed) / ended : null;
+    };
+    for (const [label, window] of [["Failure rate, last hour", stats.last_hour], ["Failure rate, 24 h", stats.last_day]]) {
+      const r = rate(window);
+      dl.append(h("dt", { text: label }),
+        h("dd", { class: r !== null && r >= 5 ? "bad" : "", text: r === null ? "—" : r.toFixed(1) + " %" }));
+    }
   }
 
   function renderTasks(stats) {
