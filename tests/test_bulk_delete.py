@@ -8,12 +8,18 @@ import time
 import pytest
 from callback_receiver import Receiver
 from conftest import wait_for
-from http_fixtures import TASKS, assert_problem, launch, live, live_sqlite  # noqa: F401 (fixtures)
+from http_fixtures import assert_problem, echo, fail, launch, sleep
 
 from jobserver.auth import create_token
 from jobserver.ids import lowest_id_at, new_id
 from jobserver.journal_drivers import SqliteDialect
 from jobserver.journal_sql import Sql
+from jobserver.tasks import Registry
+
+# the fixtures' tasks and this module's, in a registry of its own (others assert theirs)
+TASKS = Registry()
+for _name, _fn in (("t.echo", echo), ("t.sleep", sleep), ("t.fail", fail)):
+    TASKS.task(_name)(_fn)
 
 
 @TASKS.task("t.stepped")
@@ -43,15 +49,27 @@ def bulk(live, body, token=None):
 @pytest.fixture
 def idle(db_url):
     """A server whose jobs are journaled and never run (they stay queued)."""
-    with launch(db_url, start=False) as live:
+    with launch(db_url, start=False, tasks=TASKS) as live:
         yield live
+
+
+@pytest.fixture
+def live(db_url):
+    with launch(db_url, tasks=TASKS) as server:
+        yield server
+
+
+@pytest.fixture
+def live_sqlite(sqlite_url):
+    with launch(sqlite_url, tasks=TASKS) as server:
+        yield server
 
 
 # --- DELETE /jobs/{id} ------------------------------------------------------------------
 def test_delete_forgets_a_finished_job_with_its_steps_and_deliveries(db_url):
     receiver = Receiver()
     try:
-        with launch(db_url, callback_allow=("127.0.0.0/8",)) as live:
+        with launch(db_url, callback_allow=("127.0.0.0/8",), tasks=TASKS) as live:
             response = live.post("/jobs", json={"task": "t.stepped", "callback_url": receiver.url()})
             job_id = response.json()["id"]
             job = wait_state(live, job_id, "succeeded")
@@ -210,7 +228,7 @@ OVERVIEW = ("stats_unfinished", "stats_unfinished_owner", "stats_finished", "sta
 
 def test_the_overview_and_filtered_lists_read_index_ranges_not_the_table(sqlite_url):
     """What keeps them fast at 10^6 jobs (bench/dashboard_scale.py measures it)."""
-    with launch(sqlite_url, start=False):
+    with launch(sqlite_url, start=False, tasks=TASKS):
         pass  # creates and migrates the journal
     conn = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
     sql = Sql(SqliteDialect)

@@ -9,14 +9,19 @@ import threading
 
 import pytest
 import requests
-from http_fixtures import TASKS, launch
+from http_fixtures import echo, fail, launch, sleep
 
 from jobserver.auth import create_token
 from jobserver.dashboard import CSP
+from jobserver.tasks import Registry
 
 CHROMIUM = os.environ.get("JOBSERVER_TEST_CHROMIUM", "/usr/bin/chromium")
 INSTALL = "apt-get update && apt-get install -y chromium && pip install -e '.[test]'"
 
+# the fixtures' tasks and this module's, in a registry of its own (others assert theirs)
+TASKS = Registry()
+for _name, _fn in (("t.echo", echo), ("t.sleep", sleep), ("t.fail", fail)):
+    TASKS.task(_name)(_fn)
 _flaky_runs = {}
 _flaky_lock = threading.Lock()
 
@@ -127,7 +132,7 @@ def expect():
 
 # --- the page itself -----------------------------------------------------------------------
 def test_page_and_files_carry_a_strict_policy_and_revalidate(sqlite_url):
-    with launch(sqlite_url, url_prefix="/q", start=False) as live:
+    with launch(sqlite_url, url_prefix="/q", start=False, tasks=TASKS) as live:
         page = requests.get(live.url("/"), timeout=10)
         assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
         assert page.headers["Content-Security-Policy"] == CSP
@@ -150,7 +155,7 @@ def test_page_and_files_carry_a_strict_policy_and_revalidate(sqlite_url):
 
 
 def test_no_token_needed_for_the_page_but_for_the_api(sqlite_url):
-    with launch(sqlite_url, start=False) as live:
+    with launch(sqlite_url, start=False, tasks=TASKS) as live:
         create_token(live.server.journal, "alice")
         assert requests.get(live.url("/"), timeout=10).status_code == 200
         assert requests.get(live.url("/stats"), timeout=10).status_code == 401
@@ -158,7 +163,7 @@ def test_no_token_needed_for_the_page_but_for_the_api(sqlite_url):
 
 # --- in the browser ------------------------------------------------------------------------
 def test_a_submitted_job_appears_its_progress_moves_and_its_steps_show(sqlite_url, tabs):
-    with launch(sqlite_url) as live:
+    with launch(sqlite_url, tasks=TASKS) as live:
         tab = tabs(live)
         page = tab.page
         expect()(page.locator("#live")).to_have_attribute("data-mode", "polling")
@@ -193,7 +198,7 @@ def test_a_submitted_job_appears_its_progress_moves_and_its_steps_show(sqlite_ur
 
 
 def test_the_cancel_button_cancels_a_running_job_under_a_url_prefix(sqlite_url, tabs):
-    with launch(sqlite_url, url_prefix="/q") as live:
+    with launch(sqlite_url, url_prefix="/q", tasks=TASKS) as live:
         job_id = submit(live, "t.sleep", {"seconds": 30})
         tab = tabs(live)
         page = tab.page
@@ -207,7 +212,7 @@ def test_the_cancel_button_cancels_a_running_job_under_a_url_prefix(sqlite_url, 
 
 
 def test_a_failed_jobs_traceback_shows_and_retry_runs_it_again(sqlite_url, tabs):
-    with launch(sqlite_url) as live:
+    with launch(sqlite_url, tasks=TASKS) as live:
         job_id = submit(live, "ui.flaky", {"message": "<b>not bold</b> first run fails"})
         tab = tabs(live)
         page = tab.page
@@ -226,7 +231,7 @@ def test_a_failed_jobs_traceback_shows_and_retry_runs_it_again(sqlite_url, tabs)
 
 def test_params_holding_html_render_as_text(sqlite_url, tabs):
     payload = "<img src=x onerror=alert(1)>"
-    with launch(sqlite_url) as live:
+    with launch(sqlite_url, tasks=TASKS) as live:
         job_id = submit(live, "t.echo", {payload: payload, "nested": [payload]})
         tab = tabs(live)
         page = tab.page
@@ -241,7 +246,7 @@ def test_params_holding_html_render_as_text(sqlite_url, tabs):
 
 
 def test_delete_and_bulk_actions_from_the_page(sqlite_url, tabs):
-    with launch(sqlite_url, workers=1) as live:
+    with launch(sqlite_url, workers=1, tasks=TASKS) as live:
         done = [submit(live, "t.echo", {"i": i}) for i in range(3)]
         blocker = submit(live, "t.sleep", {"seconds": 30})
         queued = [submit(live, "t.sleep", {"seconds": 30}) for _ in range(2)]
@@ -280,7 +285,7 @@ def test_delete_and_bulk_actions_from_the_page(sqlite_url, tabs):
 
 
 def test_an_owner_sees_only_its_jobs_and_an_admin_sees_all(sqlite_url, tabs):
-    with launch(sqlite_url) as live:
+    with launch(sqlite_url, tasks=TASKS) as live:
         journal = live.server.journal
         alice, bob = create_token(journal, "alice"), create_token(journal, "bob")
         root = create_token(journal, "root", admin=True)
@@ -307,7 +312,7 @@ def test_an_owner_sees_only_its_jobs_and_an_admin_sees_all(sqlite_url, tabs):
 
 
 def test_narrow_screen_keeps_the_essentials(sqlite_url, tabs):
-    with launch(sqlite_url) as live:
+    with launch(sqlite_url, tasks=TASKS) as live:
         job_id = submit(live, "t.echo", {"small": True})
         tab = tabs(live, width=420, height=860)
         page = tab.page

@@ -225,7 +225,7 @@
 
   // --- live updates: an event stream when there is one, else polling ------------------
   const live = {
-    timer: null, source: null, streaming: false, streamRetry: null, renewTimer: null, debounce: null,
+    timer: null, busy: false, again: false, source: null, streaming: false, streamRetry: null, renewTimer: null, debounce: null,
 
     setMode(mode, text) {
       const el = $("live");
@@ -236,6 +236,7 @@
     stop() {
       clearTimeout(this.timer);
       this.timer = null;
+      this.again = false;
       this.closeStream();
     },
 
@@ -244,27 +245,35 @@
       this.tick();
     },
 
-    /** One refresh of what the current view shows, then the next one is scheduled. */
+    /** One refresh of what the current view shows, then the next one is scheduled.
+     *  One at a time: a tick asked for while one runs runs right after it. */
     async tick() {
+      if (this.busy) { this.again = true; return; }
+      this.busy = true;
       clearTimeout(this.timer);
       this.timer = null;
-      if (session.locked) return;
       let ok = true;
       try {
+        if (session.locked) return;
         await refreshView();
       } catch (e) {
         ok = false;
-        if (e instanceof ApiError && e.status === 401) return;
         if (e instanceof ApiError && e.status === 0) this.setMode("offline", "server unreachable · retrying");
         else failed(e);
+      } finally {
+        this.busy = false;
       }
+      if (session.locked) return;
       if (ok && !this.streaming) {
         this.setMode("polling", "updating every " + (this.interval() / 1000) + " s");
       }
       if (ok && session.features && session.features.events && !this.source && !this.streamRetry) {
         this.openStream();
       }
-      this.timer = setTimeout(() => this.tick(), this.interval());
+      clearTimeout(this.timer);
+      const delay = this.again ? 0 : this.interval();
+      this.again = false;
+      this.timer = setTimeout(() => this.tick(), delay);
     },
 
     interval() {
