@@ -32,6 +32,7 @@ from .errors import (
     WriteRefused,
 )
 from .groupcommit import GroupCommitter
+from .ids import lowest_id_at
 from .journal_sql import JOB_COLUMNS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
 
 __all__ = ["Journal", "open_journal", "State", "TERMINAL", "SCHEMA_VERSION", "decode_job"]
@@ -76,6 +77,7 @@ class _Isolate(Exception):
     it again with each op under its own savepoint, so that op fails alone."""
 
 
+_ENDED = ("succeeded", "failed", "cancelled")  # the order of the stats queries' sums
 _STEP_KEYS = ("name", "state", "started_at", "finished_at")  # get_job_and_steps's step columns
 _job_values = operator.itemgetter(*JOB_COLUMNS)  # a job dict as the INSERT's parameters
 
@@ -746,6 +748,117 @@ class Journal:
 
     def projects_for(self, job_id):
         return self._read(lambda cur: (cur.execute(self.sql.get_projects, (job_id,)), _rows(cur))[1])
+
+    # --- the dashboard: overview, delete, bulk ----------------------------------------
+    def stats(self, owner=None, sample=2000, day=True):
+        """What the overview shows, read at the journal's clock (`now`, ms): unfinished jobs
+        by state, finished ones by state in the last hour and day ({"hour": {state: n},
+        "day": ...}), finished per minute and state since `minutes_from` (the start of the
+        minute 59 minutes ago) as [(minute, {state: n})], jobs submitted in the last hour,
+        and the newest `sample` runs of the last hour. `day=False` skips the day's counts
+        (the one read that grows with a whole day of jobs: callers may keep it a while).
+
+        Every read is a range of an index (jobs_finished, the primary key, jobs_owner),
+        so its cost follows the hour's and the day's jobs, not the table's size."""
+        own = () if owner is None else (owner,)
+        suffix = "" if owner is None else "_owner"
+        sql = self.sql
+
+        def read(cur):
+            now = self._now(cur)
+            hour, day_from = now - 3_600_000, now - 86_400_000
+            minutes_from = (now // 60_000 - 59) * 60_000
+            cur.execute(getattr(sql, "stats_unfinished" + suffix), own)
+            unfinished = {state: int(n) for state, n in cur.fetchall()}
+            finished = {}
+            for window, since in (("hour", hour), ("day", day_from))[:2 if day else 1]:
+                cur.execute(getattr(sql, "stats_finished" + suffix), (since, *own))
+                finished[window] = dict(zip(_ENDED, (int(n or 0) for n in cur.fetchone())))
+            cur.execute(getattr(sql, "stats_minutes" + suffix), (minutes_from, *own))
+            minutes = [(int(m), dict(zip(_ENDED, (int(n or 0) for n in counts))))
+                       for m, *counts in cur.fetchall()]
+            since = lowest_id_at(hour)
+            if owner is None:
+                cur.execute(sql.stats_submitted, (since,))
+            else:
+                cur.execute(sql.stats_submitted_owner, (owner, since))
+            submitted = int(cur.fetchone()[0])
+            cur.execute(getattr(sql, "stats_runs" + suffix), (hour, *own, sample))
+            runs = cur.fetchall()
+            return {"now": now, "unfinished": unfinished, "finished": finished,
+                    "minutes_from": minutes_from, "minutes": minutes,
+                    "submitted_hour": submitted, "runs": runs, "sample": sample}
+        with waiting():  # several index ranges: let polls pass meanwhile
+            return self._read(read)
+
+    def delete_job(self, job_id):
+        """Forget a terminal job: its row, steps and callback deliveries, in one transaction.
+
+        Raises InvalidTransition if it is not terminal (state None: there is no such job)."""
+        def op(cur):
+            if not self._delete_one(cur, job_id):
+                cur.execute(self.sql.state_of, (job_id,))
+                row = cur.fetchone()
+                raise InvalidTransition(job_id, row[0] if row else None, "delete")
+        self._write(op)
+
+    def _delete_one(self, cur, job_id):
+        cur.execute(self.sql.delete_job, (job_id,))
+        if cur.rowcount == 0:
+            return False
+        cur.execute(self.sql.delete_steps, (job_id,))
+        cur.execute(self.sql.delete_callbacks, (job_id,))
+        return True
+
+    def bulk_page(self, owner=None, state=None, task=None, before=None, ids=None, limit=1000):
+        """[(id, state)] of the jobs a bulk action names, newest first: the filter's next
+        `limit` below `before`, or those of `ids` that pass the filter."""
+        def read(cur):
+            if ids is None:
+                key = (owner is not None, state is not None, task is not None, before is not None)
+                args = tuple(v for v in (owner, state, task, before) if v is not None) + (limit,)
+                cur.execute(self.sql.bulk_page[key], args)
+                return [(row[0], row[2]) for row in cur.fetchall()]
+            if not ids:
+                return []
+            cur.execute(self.sql.bulk_by_ids(len(ids)), tuple(ids))
+            return [(i, s) for i, o, s, t in cur.fetchall()
+                    if (owner is None or o == owner) and (state is None or s == state)
+                    and (task is None or t == task) and (before is None or i < before)][:limit]
+        with waiting():
+            return self._read(read)
+
+    def bulk(self, action, job_ids, new_callback_id):
+        """Apply `action` (cancel, retry, delete) to each of `job_ids` in one transaction,
+        each change guarded by the job's state as the single-job action is.
+
+        Returns {id: outcome} for the jobs it changed: for cancel the new state
+        (cancelled, or running with cancel requested), for retry 'queued', for delete 'deleted'."""
+        sql = self.sql
+
+        def op(cur):
+            changed = {}
+            for job_id in job_ids:
+                if action == "cancel":
+                    cur.execute(sql.cancel_queued, (job_id,))
+                    if cur.rowcount:
+                        cur.execute(sql.add_callback, (new_callback_id(), job_id))
+                        changed[job_id] = State.CANCELLED
+                        continue
+                    cur.execute(sql.cancel_running, (job_id,))
+                    if cur.rowcount:
+                        changed[job_id] = State.RUNNING
+                elif action == "retry":
+                    cur.execute(sql.retry, (job_id,))
+                    if cur.rowcount:
+                        changed[job_id] = State.QUEUED
+                elif action == "delete":
+                    if self._delete_one(cur, job_id):
+                        changed[job_id] = "deleted"
+                else:
+                    raise ValueError(f"unknown bulk action {action!r}")
+            return changed
+        return self._write(op)
 
 
 def _refused(exc):

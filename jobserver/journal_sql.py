@@ -6,7 +6,7 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 `journal.Journal` does.
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 JOB_COLUMNS = ("id", "task", "owner", "state", "params", "priority", "attempts", "max_retries",
                "timeout", "run_at", "lease_owner", "lease_token", "lease_expires", "crashes",
@@ -99,6 +99,17 @@ MIGRATIONS = {
     # This rebuilds each table once: on a large journal it takes a while, under a lock.
     2: [{"mysql": f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {{exact}}"}
         for table in ("jobs", "steps", "callbacks", "tokens", "settings", "projects")],
+    # 3: the dashboard at a million jobs.
+    # jobs_finished: the overview reads finished jobs by time; counts by state of the last
+    # hour or day and of the unfinished jobs (finished_at NULL) come from this index alone,
+    # without touching rows, an owner's too. jobs_task: a list filtered by task reads one
+    # page of the index, newest first, instead of scanning the table for a task that has
+    # few jobs (a task never changes, so only a submit pays for this index). A (state, id)
+    # index would do the same for a state filter, but claims and finishes would pay for it.
+    3: [
+        "CREATE INDEX jobs_finished ON jobs (finished_at, state, owner)",
+        "CREATE INDEX jobs_task ON jobs (task, id)",
+    ],
 }
 
 # {exact} of a MySQL migration: the server's NO PAD binary utf8mb4 collation
@@ -240,6 +251,7 @@ class Sql:
             "SELECT s.job_id, s.name, s.seq, s.state, s.started_at, s.finished_at FROM steps s "
             f"JOIN (SELECT id FROM jobs{where} ORDER BY id DESC LIMIT ?) page ON s.job_id = page.id "
             "ORDER BY s.job_id, s.seq") for key, where in self._list_filters()}
+        self._dashboard_queries(dialect)
 
     @staticmethod
     def _list_filters():
@@ -254,3 +266,57 @@ class Sql:
     def _list_queries(self, q):
         return {key: q(f"SELECT {_COLS} FROM jobs{where} ORDER BY id DESC LIMIT ?")
                 for key, where in self._list_filters()}
+
+    # --- the dashboard: overview, delete, bulk -----------------------------------------
+    # the minute a finished_at falls in (integer division differs between the engines)
+    _MINUTE_OF = {"sqlite": "finished_at / 60000", "mysql": "finished_at DIV 60000"}
+    # name the index: for `GROUP BY state` both engines may rather walk all of jobs_claim,
+    # which is in state order, than sort the few groups of a jobs_finished range
+    _BY_FINISHED = {"sqlite": "jobs INDEXED BY jobs_finished", "mysql": "jobs FORCE INDEX (jobs_finished)"}
+
+    def _dashboard_queries(self, dialect):
+        """The overview's reads (each an index range on jobs_finished or a primary-key
+        range, never a scan of the table) and the delete and bulk statements.
+
+        `+owner`: SQLite would otherwise pick jobs_owner for `owner = ?` and walk every job
+        the owner ever had; the window of jobs_finished holds the owner column already."""
+        q = dialect.translate
+        minute = self._MINUTE_OF[dialect.name]
+        jobs = self._BY_FINISHED[dialect.name]
+        # per terminal state, one SUM each: a GROUP BY state sorts the range in a temporary
+        # B-tree, several times slower over a day of jobs than these sums
+        sums = ", ".join(f"SUM(CASE WHEN state = '{state}' THEN 1 ELSE 0 END)"
+                         for state in ("succeeded", "failed", "cancelled"))
+        for suffix, mine in (("", ""), ("_owner", " AND +owner = ?")):
+            setattr(self, "stats_unfinished" + suffix, q(
+                f"SELECT state, COUNT(*) FROM {jobs} WHERE finished_at IS NULL{mine} GROUP BY state"))
+            setattr(self, "stats_finished" + suffix, q(
+                f"SELECT {sums} FROM {jobs} WHERE finished_at >= ?{mine}"))
+            setattr(self, "stats_minutes" + suffix, q(
+                f"SELECT {minute} AS minute, {sums} FROM {jobs} "
+                f"WHERE finished_at >= ?{mine} GROUP BY {minute}"))
+            setattr(self, "stats_runs" + suffix, q(
+                f"SELECT task, state, created_at, started_at, finished_at FROM {jobs} "
+                f"WHERE finished_at >= ?{mine} AND started_at IS NOT NULL "
+                "ORDER BY finished_at DESC LIMIT ?"))
+        # ids are UUIDv7: those at or above a time's lowest id were submitted since
+        self.stats_submitted = q("SELECT COUNT(*) FROM jobs WHERE id >= ?")
+        self.stats_submitted_owner = q("SELECT COUNT(*) FROM jobs WHERE owner = ? AND id >= ?")
+        self.delete_job = q(
+            "DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')")
+        self.delete_steps = q("DELETE FROM steps WHERE job_id = ?")
+        self.delete_callbacks = q("DELETE FROM callbacks WHERE job_id = ?")
+        # bulk: the page of ids a filter names, as the list reads it (same filters, same order)
+        self.bulk_page = {key: q(f"SELECT id, owner, state, task FROM jobs{where} ORDER BY id DESC LIMIT ?")
+                          for key, where in self._list_filters()}
+        self.bulk_ids = {}
+
+        def bulk_by_ids(n):
+            """The rows of `n` named ids (only the count of markers varies; ids are bound)."""
+            statement = self.bulk_ids.get(n)
+            if statement is None:
+                markers = ", ".join(["?"] * n)
+                statement = self.bulk_ids[n] = q(
+                    f"SELECT id, owner, state, task FROM jobs WHERE id IN ({markers}) ORDER BY id DESC")
+            return statement
+        self.bulk_by_ids = bulk_by_ids
