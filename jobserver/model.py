@@ -62,10 +62,13 @@ class Action(str, Enum):
     REQUEST_CANCEL = "request-cancel"
     #: a user queues a failed or cancelled job again, under the same id
     RETRY = "retry"
+    #: a user forgets a job that ended: its row goes (with its steps and deliveries)
+    DELETE = "delete"
 
 
 class Transition(NamedTuple):
-    """The states an action may start from (none: a new job) and those it may lead to."""
+    """The states an action may start from (none: a new job) and those it may lead to
+    (none: the job is gone)."""
     sources: frozenset[State]
     targets: frozenset[State]
 
@@ -88,6 +91,7 @@ TRANSITIONS: Mapping[Action, Transition] = {
     Action.CANCEL_QUEUED: _move({_Q}, {_C}),
     Action.REQUEST_CANCEL: _move({_R}, {_R}),
     Action.RETRY: _move({_F, _C}, {_Q}),
+    Action.DELETE: _move({_S, _F, _C}, ()),
 }
 
 
@@ -97,9 +101,9 @@ def next_states(state: State) -> frozenset[State]:
                      for target in move.targets)
 
 
-#: The states only an explicit retry request leaves: a job there has ended.
+#: The states only a user's retry (or delete) leaves: a job there has ended.
 TERMINAL = frozenset(state for state in State
-                     if all(action is Action.RETRY for action, move in TRANSITIONS.items()
+                     if all(action in (Action.RETRY, Action.DELETE) for action, move in TRANSITIONS.items()
                             if state in move.sources))
 
 
