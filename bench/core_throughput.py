@@ -74,11 +74,11 @@ def trial_jobserver(args, name):
     lock = threading.Lock()
     counts = {"succeeded": 0, "other": 0}
 
-    def listener(kind, job_id, data):
-        if kind != "state" or data.get("state") in ("running", "queued"):
+    def listener(event):
+        if not event.ended:
             return
         with lock:
-            counts["succeeded" if data.get("state") == "succeeded" else "other"] += 1
+            counts["succeeded" if event.state == "succeeded" else "other"] += 1
             if counts["succeeded"] + counts["other"] >= n:
                 done.set()
 

@@ -25,8 +25,8 @@ def main():
     registry.task("bench.noop")(lambda ctx: None)
     done, lock, finished = [0], threading.Lock(), threading.Event()
 
-    def count(kind, _job_id, data):
-        if kind == "state" and data.get("state") == "succeeded":
+    def count(event):
+        if event.ended and event.state == "succeeded":
             with lock:
                 done[0] += 1
                 if done[0] == args.n:

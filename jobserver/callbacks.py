@@ -27,7 +27,7 @@ from datetime import UTC
 from .codec import dumps
 from .errors import InvalidCallback, JobNotFound, JobserverError
 from .hookpost import PostFailed, post
-from .journal import TERMINAL
+from .model import EventKind, JobEvent
 from .shares import CLAIM_SCAN, Shares
 from .urlguard import ForbiddenAddress, Unresolvable, UrlGuard
 
@@ -173,15 +173,17 @@ def parse_retry_after(value, now=None):
 class Deliverer:
     """Delivers journaled callbacks on `config.callback_workers` threads of its own.
 
-    `render(job_id)` gives the public job (the body). Wire `on_event` to the server's
-    job events so a job that ends here is delivered at once; rows written by other
-    processes are found by polling every `config.poll_interval` seconds."""
+    `render(job_id)` gives the public job (the body); `emit(JobEvent)` hears of each
+    recorded attempt. Wire `on_event` to the server's job events so a job that ends here
+    is delivered at once; rows written by other processes are found by polling every
+    `config.poll_interval` seconds."""
 
-    def __init__(self, journal, config, render):
+    def __init__(self, journal, config, render, emit=None):
         if config.callback_workers < 1 or config.callback_timeout <= 0:
             raise ValueError("callback_workers must be at least 1 and callback_timeout positive")
         self.journal = journal
         self.render = render
+        self._emit = emit
         self.guard = UrlGuard(config.callback_allow)
         self.schedule = Schedule(config.callback_attempts, config.callback_backoff)
         self.secret = signing_secret(journal, config)
@@ -227,13 +229,9 @@ class Deliverer:
         """Look for due deliveries now."""
         self._wake.set()
 
-    def on_event(self, kind, job_id, data):
-        """A server listener: a job that ended in this process may have a delivery due now.
-
-        The pool says whether the job had a callback; other ends (a cancel, a recovery)
-        do not, and wake the deliverer to look."""
-        if (kind == "state" and data.get("state") in TERMINAL and data.get("callback", True)
-                and not self._wake.is_set()):
+    def on_event(self, event):
+        """A server listener: a state change that wrote a delivery here makes it due now."""
+        if event.kind is EventKind.STATE and event.callback == "pending" and not self._wake.is_set():
             self._wake.set()
 
     # --- claiming -------------------------------------------------------------------
@@ -287,8 +285,11 @@ class Deliverer:
             retry_ms = int(retry_in * 1000)
             if not self.journal.record_callback(msg_id, row["claim_token"], state, error, retry_ms):
                 log.warning("job %s: callback %s was claimed by another deliverer meanwhile", job_id, msg_id)
-            elif state == "pending":
+                return
+            if state == "pending":
                 self._due_in(retry_in)
+            if self._emit is not None:
+                self._emit(JobEvent.callback_attempted(job_id, state, row["attempts"] + 1))
         except JobserverError as exc:
             log.warning("job %s: callback %s outcome not recorded (%s); it is tried again later",
                         job_id, msg_id, exc)

@@ -79,10 +79,12 @@ def fail(ctx, message="demo failure", times=None):
 
 @task(name="demo.create_project", max_retries=3, timeout=60)
 def create_project(ctx, projname, prodesc=None):
-    """Insert a row into the journal's `projects` table (bound parameters: stored literally).
+    """Insert a row into a `projects` table of the journal's database (bound parameters:
+    stored literally). The table is the demo's own, made here when it is missing.
 
-    The insert is a checkpointed step that first looks for this job's row, so neither a
-    retry nor a re-run after a crash between insert and checkpoint inserts twice."""
+    The insert is a checkpointed step that first looks for this job's row, in the same
+    transaction, so neither a retry nor a re-run after a crash between insert and
+    checkpoint inserts twice."""
     if not isinstance(projname, str) or not projname.strip():
         raise TypeError("projname must be a non-empty string")
     if len(projname) > MAX_NAME:
@@ -93,8 +95,41 @@ def create_project(ctx, projname, prodesc=None):
     return {"projname": projname, "prodesc": prodesc, "job_id": ctx.job_id}
 
 
+# --- the demo's own table: user code keeping its rows beside the jobs ---------------------
+# The same columns as the table that jobserver 0.1 made in every journal, so a journal
+# from then keeps its table and its rows, and these statements work on both.
+_PROJECTS_TABLE = {
+    "sqlite": """CREATE TABLE IF NOT EXISTS projects (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        projname VARCHAR(190) NOT NULL,
+        prodesc TEXT NULL,
+        job_id VARCHAR(36) NULL,
+        created_at BIGINT NOT NULL)""",
+    "mysql": """CREATE TABLE IF NOT EXISTS projects (
+        id BIGINT AUTO_INCREMENT PRIMARY KEY,
+        projname VARCHAR(190) NOT NULL,
+        prodesc MEDIUMTEXT NULL,
+        job_id VARCHAR(36) NULL,
+        created_at BIGINT NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+}
+_INSERT_PROJECT = "INSERT INTO projects (projname, prodesc, job_id, created_at) VALUES (?, ?, ?, ?)"
+_PROJECTS_OF_JOB = "SELECT projname, prodesc, job_id FROM projects WHERE job_id = ? ORDER BY id"
+
+
 def _insert_project(ctx, projname, prodesc):
-    existing = ctx.journal.projects_for(ctx.job_id)
-    if not any(row["projname"] == projname for row in existing):
-        ctx.journal.add_project(projname, prodesc, ctx.job_id)
+    with ctx.journal.transaction() as tx:
+        tx.cursor.execute(_PROJECTS_TABLE[tx.dialect])  # first: MySQL commits around DDL
+        tx.cursor.execute(tx.sql(_PROJECTS_OF_JOB), (ctx.job_id,))
+        if not any(row[0] == projname for row in tx.cursor.fetchall()):
+            tx.cursor.execute(tx.sql(_INSERT_PROJECT),
+                              (projname, prodesc, ctx.job_id, time.time_ns() // 1_000_000))
     return True
+
+
+def projects_for(journal, job_id):
+    """The `projects` rows a job inserted, as dicts (none before the demo's first insert)."""
+    with journal.transaction() as tx:
+        tx.cursor.execute(_PROJECTS_TABLE[tx.dialect])
+        tx.cursor.execute(tx.sql(_PROJECTS_OF_JOB), (job_id,))
+        return [{"projname": name, "prodesc": desc, "job_id": job} for name, desc, job in tx.cursor.fetchall()]

@@ -42,6 +42,11 @@ def new_id():
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def new_callback_id():
+    """A callback delivery's id (its `webhook-id`): `msg_` and a UUIDv7's 32 hex digits."""
+    return "msg_" + new_id().replace("-", "")
+
+
 def new_request_id():
     """A short id for one HTTP request's log lines: a per-process prefix and a count."""
     return f"{_request_prefix}-{next(_request_numbers)}"

@@ -8,6 +8,8 @@ Writes go through a `GroupCommitter`, so concurrent submits, claims and finishes
 share one transaction and one fsync. Every write of a running job is fenced by its
 lease token: `WHERE id=? AND state='running' AND lease_token=?`, row count checked.
 Times are integer milliseconds since the epoch, taken from the database's clock.
+
+Reads give `model.Job` values; which state changes are allowed is model.TRANSITIONS.
 """
 import functools
 import logging
@@ -15,11 +17,12 @@ import operator
 import random
 import threading
 import time
-from enum import Enum
+from contextlib import contextmanager
+from typing import NamedTuple
 
 from . import journal_drivers as drivers
 from .admission import waiting
-from .codec import MAX_DOCUMENT, dumps, loads
+from .codec import MAX_DOCUMENT, dumps
 from .errors import (
     IdempotencyConflict,
     InvalidJob,
@@ -32,27 +35,20 @@ from .errors import (
     WriteRefused,
 )
 from .groupcommit import GroupCommitter
-from .ids import lowest_id_at
-from .journal_sql import JOB_COLUMNS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
+from .ids import lowest_id_at, new_callback_id
+from .journal_sql import ENDED, JOB_COLUMNS, MAX_IDS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
+from .model import TERMINAL, TRANSITIONS, Action, Job, State, StepSummary
 
-__all__ = ["Journal", "open_journal", "State", "TERMINAL", "SCHEMA_VERSION", "decode_job"]
+__all__ = ["Journal", "open_journal", "Page", "Recovery", "UserTransaction", "State", "TERMINAL",
+           "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
 
+#: a row whose JSON documents hold more characters than this is decoded without the
+#: request's admission turn (admission.py): other requests run meanwhile
+LONG_DECODE = 256 * 1024
 WRITE_PROBE = "write_probe"  # the settings row that Journal.writable() rewrites
 WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
-
-
-class State(str, Enum):
-    """A job's state; the table's CHECK constraint holds the same closed set."""
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
 
 _DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost, TokenExists)  # an op's own answer, not a failure
@@ -77,31 +73,91 @@ class _Isolate(Exception):
     it again with each op under its own savepoint, so that op fails alone."""
 
 
-_ENDED = ("succeeded", "failed", "cancelled")  # the order of the stats queries' sums
-_STEP_KEYS = ("name", "state", "started_at", "finished_at")  # get_job_and_steps's step columns
 _job_values = operator.itemgetter(*JOB_COLUMNS)  # a job dict as the INSERT's parameters
+_ID, _STATE, _ATTEMPTS, _LEASE_OWNER, _LEASE_TOKEN, _PARAMS, _PROGRESS, _RESULT, _ERROR = (
+    JOB_COLUMNS.index(name) for name in ("id", "state", "attempts", "lease_owner", "lease_token",
+                                         "params", "progress", "result", "error"))
 
 
-def _rows(cur):
+class Page(NamedTuple):
+    """A page of `Journal.list_jobs`: its jobs, their steps by job id, the cursor of the rest."""
+    jobs: list[Job]
+    steps: dict[str, list[StepSummary]]
+    next: str | None
+
+
+class Recovery(NamedTuple):
+    """What `Journal.recover` did: ids queued again, ids failed (WorkerLost), and which of
+    the failed ones got a callback delivery."""
+    requeued: list[str]
+    failed: list[str]
+    with_callback: frozenset[str]
+
+
+class UserTransaction:
+    """What `Journal.transaction()` yields to code that keeps its own rows in the journal's
+    database: a DB-API `cursor` in an open transaction, the driver's DB-API `paramstyle`
+    ("qmark" on SQLite, "pyformat" on MySQL), the `dialect` ("sqlite" or "mysql"), and
+    `sql(text)`, which turns a statement written with `?` markers into the driver's style."""
+    __slots__ = ("cursor", "paramstyle", "dialect", "sql")
+
+    def __init__(self, cursor, paramstyle, dialect, translate):
+        self.cursor = cursor
+        self.paramstyle = paramstyle
+        self.dialect = dialect
+        self.sql = translate
+
+
+def _fetch_one(cur, sql, args=()):
+    cur.execute(sql, args)
+    return cur.fetchone()
+
+
+def _fetch_all(cur, sql, args=()):
+    cur.execute(sql, args)
+    return cur.fetchall()
+
+
+def _scalar(cur, sql, args=()):
+    """The first column of the first row, or None."""
+    row = _fetch_one(cur, sql, args)
+    return None if row is None else row[0]
+
+
+def _dicts(cur, sql, args=()):
+    """Rows as dicts by column name (steps and callbacks; jobs are `Job` values)."""
+    cur.execute(sql, args)
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, row)) for row in cur.fetchall()]
 
 
-def _one(cur):
-    rows = _rows(cur)
+def _dict(cur, sql, args=()):
+    rows = _dicts(cur, sql, args)
     return rows[0] if rows else None
 
 
-def decode_job(row):
-    """A job row with its JSON columns decoded."""
-    if row is None:
-        return None
-    job = dict(row)
-    for col in ("params", "progress", "result", "error"):
-        job[col] = loads(job[col])
-    job["cancel_requested"] = bool(job["cancel_requested"])
-    job["state"] = State(job["state"])
-    return job
+def _stored_size(row):
+    """Characters of JSON a job row holds (its documents; the rest is a few hundred bytes)."""
+    return (len(row[_PARAMS]) + len(row[_PROGRESS] or "") + len(row[_RESULT] or "")
+            + len(row[_ERROR] or ""))
+
+
+def _decode(row):
+    """The Job of a row; a big one is decoded without the request's turn (admission.py)."""
+    if _stored_size(row) > LONG_DECODE:
+        with waiting():
+            return Job.from_row(row)
+    return Job.from_row(row)
+
+
+def _claimed(row, node):
+    """The Job of a row the claim UPDATE just took, with the values that UPDATE wrote."""
+    values = list(row)
+    values[_STATE] = State.RUNNING.value
+    values[_LEASE_OWNER] = node
+    values[_LEASE_TOKEN] += 1
+    values[_ATTEMPTS] += 1
+    return Job.from_row(values)
 
 
 class Journal:
@@ -290,8 +346,8 @@ class Journal:
         return row[0]
 
     def ping(self):
-        """Raise JournalUnavailable unless the database answers."""
-        return self._read(lambda cur: (cur.execute(self.sql.now), cur.fetchone()[0])[1])
+        """Raise JournalUnavailable unless the database answers; returns its clock in ms."""
+        return self._read(lambda cur: _scalar(cur, self.sql.now))
 
     def writable(self) -> None:
         """Raise JournalRefusesWrites (a JournalUnavailable) if the journal refuses writes (a
@@ -342,15 +398,16 @@ class Journal:
 
     def schema_version(self):
         """The schema version recorded in the database (SCHEMA_VERSION once opened)."""
-        return self._read(lambda cur: (cur.execute(self.sql.get_version), cur.fetchone()[0])[1])
+        return self._read(lambda cur: _scalar(cur, self.sql.get_version))
 
     # --- submit -----------------------------------------------------------------------
     def insert_jobs(self, jobs):
         """Insert jobs (dicts of JOB_COLUMNS less the clock columns) in one transaction.
 
-        `delay_ms` in a job sets its run_at after the database's now. Returns a list of
-        (row, created) pairs; an idempotency key already used by the same owner with
-        the same request_hash gives the existing row and created=False, with another
+        `delay_ms` in a job sets its run_at after the database's now; `decoded_params`, the
+        value its `params` text holds, spares the returned Job a decode. Returns a list of
+        (Job, created) pairs; an idempotency key already used by the same owner with
+        the same request_hash gives the existing job and created=False, with another
         hash IdempotencyConflict (and nothing of the batch is written). Params the database
         cannot take (too large once escaped) are InvalidJob, and nothing is written.
         """
@@ -376,10 +433,12 @@ class Journal:
                            lease_expires=None, crashes=0, progress=None, result=None, error=None,
                            cancel_requested=0, started_at=None, finished_at=None)
                 row.pop("delay_ms", None)
+                values = _job_values(row)
+                made = Job.from_row(values, job.get("decoded_params"))
                 if key[1] is not None:
-                    keys[key] = row
-                out.append((row, True))
-                fresh.append(_job_values(row))
+                    keys[key] = made
+                out.append((made, True))
+                fresh.append(values)
             # nothing is written until every job of this submit passed: the batch's inserts
             # go in as one statement at the end of the transaction (isolated: here, inside
             # this op's savepoint)
@@ -398,56 +457,77 @@ class Journal:
             return None
         existing = pending
         if existing is None:
-            cur.execute(self.sql.find_idempotent, (job["owner"], job["idempotency_key"]))
-            existing = _one(cur)
+            row = _fetch_one(cur, self.sql.find_idempotent, (job["owner"], job["idempotency_key"]))
+            existing = None if row is None else Job.from_row(row)
         if existing is None:
             return None
-        if existing["request_hash"] != job["request_hash"]:
-            raise IdempotencyConflict(job["idempotency_key"], existing["id"])
+        if existing.request_hash != job["request_hash"]:
+            raise IdempotencyConflict(job["idempotency_key"], existing.id)
         return existing
 
     def count_queued(self):
         with waiting():  # a count over many queued rows is a long read: let polls pass meanwhile
-            return self._read(lambda cur: (cur.execute(self.sql.count_queued), cur.fetchone()[0])[1])
+            return self._read(lambda cur: _scalar(cur, self.sql.count_queued))
 
     # --- reads ------------------------------------------------------------------------
     def get_job(self, job_id):
-        """The raw job row, or None."""
-        return self._read(lambda cur: (cur.execute(self.sql.get_job, (job_id,)), _one(cur))[1])
+        """The Job, or None."""
+        row = self._read(lambda cur: _fetch_one(cur, self.sql.get_job, (job_id,)))
+        return None if row is None else _decode(row)
 
     def get_job_and_steps(self, job_id):
-        """(job row, its steps in order) in one query — the poll path — or (None, [])."""
-        rows = self._read(lambda cur: (cur.execute(self.sql.get_job_and_steps, (job_id,)),
-                                       cur.fetchall())[1])
-        if not rows:
+        """(Job, its steps in order) — the poll path — or (None, []).
+
+        On one connection: the job's row, saying whether it has steps, then (if it has)
+        their four narrow columns. A join would copy the job's documents into every step's
+        row; a second statement for every poll would cost MySQL a round trip."""
+        def read(cur):
+            row = _fetch_one(cur, self.sql.get_job_has_steps, (job_id,))
+            if row is None:
+                return None, ()
+            return row[:-1], (_fetch_all(cur, self.sql.job_steps, (job_id,)) if row[-1] else ())
+        row, steps = self._read(read)
+        if row is None:
             return None, []
-        width = len(JOB_COLUMNS)  # each row: the job's columns, then one step's (or NULLs)
-        job = dict(zip(JOB_COLUMNS, rows[0]))
-        steps = [dict(zip(_STEP_KEYS, r[width:])) for r in rows if r[width] is not None]
-        return job, steps
+        return _decode(row), [StepSummary._make(step) for step in steps]
 
     def get_steps(self, job_id):
-        return self._read(lambda cur: (cur.execute(self.sql.get_steps, (job_id,)), _rows(cur))[1])
+        """Every step of a job in order, as dicts of their columns (result and error as the
+        stored JSON text)."""
+        return self._read(lambda cur: _dicts(cur, self.sql.get_steps, (job_id,)))
 
     def get_step(self, job_id, name):
-        return self._read(lambda cur: (cur.execute(self.sql.get_step, (job_id, name)), _one(cur))[1])
+        return self._read(lambda cur: _dict(cur, self.sql.get_step, (job_id, name)))
 
-    def list_jobs(self, owner=None, state=None, task=None, before=None, limit=50, with_steps=True):
-        """Jobs newest first, filtered; `before` is the id to continue below (a cursor).
+    def list_jobs(self, owner=None, state=None, task=None, before=None, limit=50, with_steps=True,
+                  max_bytes=None):
+        """A Page of jobs newest first, filtered; `before` is the id to continue below (a cursor).
 
-        Returns (rows, steps_by_job_id)."""
+        The page holds at most `limit` jobs, and with `max_bytes` stops before the job whose
+        JSON documents would take it past that many characters (it holds one job at least);
+        `next` is then the cursor of the rest. Memory follows the page, not `limit`: the
+        candidates' ids and stored sizes are read first, then only the rows of the page."""
         key = (owner is not None, state is not None, task is not None, before is not None)
-        args = tuple(v for v in (owner, state, task, before) if v is not None) + (limit,)
+        args = tuple(v for v in (owner, state, task, before) if v is not None) + (limit + 1,)
 
         def read(cur):
-            cur.execute(self.sql.list[key], args)
-            rows = _rows(cur)
-            steps = {}
-            if with_steps and rows:
-                cur.execute(self.sql.list_steps[key], args)
-                for step in _rows(cur):
-                    steps.setdefault(step.pop("job_id"), []).append(step)
-            return rows, steps
+            sizes = _fetch_all(cur, self.sql.list_sizes[key], args)
+            ids, total = [], 0
+            for job_id, size in sizes[:limit]:
+                total += size
+                if ids and max_bytes is not None and total > max_bytes:
+                    break
+                ids.append(job_id)
+            jobs, steps = [], {}
+            for start in range(0, len(ids), MAX_IDS):
+                chunk = ids[start:start + MAX_IDS]
+                cur.execute(self.sql.page_jobs(len(chunk)), chunk)
+                # row by row (fetchone): each row's text is let go once it is decoded
+                jobs.extend(Job.from_row(row) for row in iter(cur.fetchone, None))
+                if with_steps:
+                    for job_id, *step in _fetch_all(cur, self.sql.page_steps(len(chunk)), chunk):
+                        steps.setdefault(job_id, []).append(StepSummary(*step))
+            return Page(jobs, steps, ids[-1] if len(ids) < len(sizes) else None)
         with waiting():  # a page of big results is a long read: let polls pass meanwhile
             return self._read(read)
 
@@ -456,17 +536,13 @@ class Journal:
         """Take up to `limit` due queued jobs for `node`, best priority first, in one transaction.
 
         Each claimed job is `running` with a new lease token and one more attempt; the
-        returned rows carry the values now in the table."""
+        returned Jobs carry the values now in the table (but lease_expires and started_at)."""
         def op(cur):
-            cur.execute(self.sql.claim_select, (limit,))
-            rows = _rows(cur)
+            rows = _fetch_all(cur, self.sql.claim_select, (limit,))
             if not rows:
                 return []
-            cur.execute(self.sql.claim_update(len(rows)), (node, lease_ms, *[r["id"] for r in rows]))
-            for r in rows:
-                r.update(state="running", lease_owner=node, lease_token=r["lease_token"] + 1,
-                         attempts=r["attempts"] + 1)
-            return [decode_job(r) for r in rows]
+            cur.execute(self.sql.claim_update(len(rows)), (node, lease_ms, *[r[_ID] for r in rows]))
+            return [_claimed(row, node) for row in rows]
         return self._write(op)
 
     def renew(self, leases, lease_ms, node):
@@ -525,13 +601,15 @@ class Journal:
         if cur.rowcount == 0:
             raise LeaseLost(job_id)
 
-    def finish(self, job_id, token, state, result=None, error=None, callback_id=None, on_done=None):
-        """End a run in a terminal state; write its callback delivery in the same transaction.
+    def finish(self, job_id, token, state, result=None, error=None, callback=False, on_done=None):
+        """End a run in a terminal state; with `callback` (the job has a callback_url), write
+        its callback delivery, under an id minted here, in the same transaction.
 
         Raises (or, with `on_done`, reports) LeaseLost if this run no longer holds the job;
         raises WriteRefused at once if the database cannot take the result."""
         state = State(state)
-        assert state in TERMINAL
+        if state not in TRANSITIONS[Action.FINISH].targets:
+            raise ValueError(f"a run ends succeeded, failed or cancelled, not {state.value}")
         result_text = None if result is None else dumps(result)
         error_text = None if error is None else dumps(error)
         self._refuse_oversize("the job's result", result_text, error_text)
@@ -540,8 +618,8 @@ class Journal:
             cur.execute(self.sql.finish, (state.value, result_text, error_text, job_id, token))
             if cur.rowcount == 0:
                 raise LeaseLost(job_id)
-            if callback_id is not None:
-                cur.execute(self.sql.add_callback, (callback_id, job_id))
+            if callback:
+                cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
         self._write(op, on_done)
 
     def requeue(self, job_id, token, delay_ms, error, on_done=None):
@@ -579,11 +657,11 @@ class Journal:
             return released
         return self._write(op)
 
-    def recover(self, max_crashes, worker_lost_error, new_callback_id, owner=None):
+    def recover(self, max_crashes, worker_lost_error, owner=None):
         """Requeue running jobs whose lease expired (or, with `owner`, that a dead node held).
 
         A job's crash count goes up by one; at `max_crashes` it fails with `worker_lost_error`
-        instead. Returns (requeued_ids, failed_ids)."""
+        instead (and its callback delivery is written). Returns a Recovery."""
         error_text = dumps(worker_lost_error)
 
         def op(cur):
@@ -591,24 +669,25 @@ class Journal:
                 cur.execute(self.sql.expired)
             else:
                 cur.execute(self.sql.held_by, (owner,))
-            requeued, failed = [], []
+            requeued, failed, with_callback = [], [], set()
             for job_id, token, crashes in cur.fetchall():
                 if crashes + 1 >= max_crashes:
                     cur.execute(self.sql.crash_fail, (error_text, job_id, token))
                     if cur.rowcount:
-                        cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
                         failed.append(job_id)
+                        cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
+                        if cur.rowcount:
+                            with_callback.add(job_id)
                 else:
                     cur.execute(self.sql.crash_requeue, (job_id, token))
                     if cur.rowcount:
                         requeued.append(job_id)
-            return requeued, failed
+            return Recovery(requeued, failed, frozenset(with_callback))
         return self._write(op)
 
     def running_owners(self):
         """The lease owners of every running job (to find dead nodes on this host)."""
-        return self._read(lambda cur: (cur.execute(self.sql.running_owners),
-                                       [r[0] for r in cur.fetchall()])[1])
+        return self._read(lambda cur: [r[0] for r in _fetch_all(cur, self.sql.running_owners)])
 
     # --- steps ------------------------------------------------------------------------
     def start_step(self, job_id, token, name, seq):
@@ -637,8 +716,9 @@ class Journal:
         self._write(op)
 
     # --- user actions -----------------------------------------------------------------
-    def cancel(self, job_id, new_callback_id):
-        """Cancel a queued job at once, or flag a running one. Returns the new state.
+    def cancel(self, job_id):
+        """Cancel a queued job at once (its callback delivery written, under an id minted
+        here), or flag a running one. Returns the state the job is now in.
 
         Raises InvalidTransition for a finished job, or with state None when there is no such job."""
         def op(cur):
@@ -651,9 +731,7 @@ class Journal:
             cur.execute(self.sql.cancel_running, (job_id,))
             if cur.rowcount:
                 return State.RUNNING
-            cur.execute(self.sql.state_of, (job_id,))
-            row = cur.fetchone()
-            raise InvalidTransition(job_id, row[0] if row else None, "cancel")
+            raise InvalidTransition(job_id, _scalar(cur, self.sql.state_of, (job_id,)), "cancel")
         return self._write(op)
 
     def retry(self, job_id):
@@ -661,18 +739,16 @@ class Journal:
         def op(cur):
             cur.execute(self.sql.retry, (job_id,))
             if cur.rowcount == 0:
-                cur.execute(self.sql.state_of, (job_id,))
-                row = cur.fetchone()
-                raise InvalidTransition(job_id, row[0] if row else None, "retry")
+                raise InvalidTransition(job_id, _scalar(cur, self.sql.state_of, (job_id,)), "retry")
         self._write(op)
 
     # --- callbacks --------------------------------------------------------------------
     def latest_callback(self, job_id):
-        return self._read(lambda cur: (cur.execute(self.sql.latest_callback, (job_id,)), _one(cur))[1])
+        return self._read(lambda cur: _dict(cur, self.sql.latest_callback, (job_id,)))
 
     def callbacks_due(self):
         """True if a pending delivery is due; a read, so an idle deliverer takes no write lock."""
-        return self._read(lambda cur: (cur.execute(self.sql.any_callback_due), cur.fetchone())[1]) is not None
+        return self._read(lambda cur: _fetch_one(cur, self.sql.any_callback_due)) is not None
 
     def claim_callbacks(self, limit, lease_ms, choose=None):
         """Take due pending deliveries; each is hidden from other deliverers for `lease_ms`.
@@ -682,8 +758,7 @@ class Journal:
         as a claim hides them, not returned). It runs inside the transaction: it must be
         quick, and it may run again if the transaction is retried."""
         def op(cur):
-            cur.execute(self.sql.due_callbacks, (limit,))
-            rows = _rows(cur)
+            rows = _dicts(cur, self.sql.due_callbacks, (limit,))
             take, later, later_ms = (rows, (), 0) if choose is None else choose(rows)
             for row in later:
                 cur.execute(self.sql.claim_callback, (later_ms, row["id"]))
@@ -704,15 +779,14 @@ class Journal:
     def rearm_callback(self, job_id):
         """Make a job's failed delivery pending again; returns False if there is none failed."""
         def op(cur):
-            cur.execute(self.sql.latest_callback, (job_id,))
-            row = _one(cur)
+            row = _dict(cur, self.sql.latest_callback, (job_id,))
             if row is None:
                 return False
             cur.execute(self.sql.rearm_callback, (row["id"],))
             return cur.rowcount == 1
         return self._write(op)
 
-    # --- tokens, settings, projects ---------------------------------------------------
+    # --- tokens, settings ---------------------------------------------------------------
     def add_token(self, name, token_hash, admin):
         def op(cur):
             try:
@@ -723,18 +797,16 @@ class Journal:
 
     def find_token(self, token_hash):
         """(name, admin) for a token hash, or None."""
-        row = self._read(lambda cur: (cur.execute(self.sql.find_token, (token_hash,)), cur.fetchone())[1])
+        row = self._read(lambda cur: _fetch_one(cur, self.sql.find_token, (token_hash,)))
         return None if row is None else (row[0], bool(row[1]))
 
     def has_tokens(self):
-        return self._read(lambda cur: (cur.execute(self.sql.count_tokens), cur.fetchone()[0])[1]) > 0
+        return self._read(lambda cur: _scalar(cur, self.sql.count_tokens)) > 0
 
     def setting(self, name, default_factory=None):
         """A stored setting; with `default_factory`, store its value first if none exists."""
         def read(cur):
-            cur.execute(self.sql.get_setting, (name,))
-            row = cur.fetchone()
-            return None if row is None else row[0]
+            return _scalar(cur, self.sql.get_setting, (name,))
         value = self._read(read)
         if value is None and default_factory is not None:
             fresh = default_factory()
@@ -742,12 +814,23 @@ class Journal:
             value = self._read(read)  # another process may have won the race
         return value
 
-    def add_project(self, projname, prodesc, job_id):
-        """Insert a row into the demo `projects` table (the create-project use case)."""
-        self._write(lambda cur: cur.execute(self.sql.add_project, (projname, prodesc, job_id)))
+    # --- the user's own rows ------------------------------------------------------------
+    @contextmanager
+    def transaction(self):
+        """A transaction of your own on the journal's database, for task code that keeps
+        its own rows beside the jobs (demo.py's `projects`)::
 
-    def projects_for(self, job_id):
-        return self._read(lambda cur: (cur.execute(self.sql.get_projects, (job_id,)), _rows(cur))[1])
+            with ctx.journal.transaction() as tx:
+                tx.cursor.execute(tx.sql("INSERT INTO mine (a, b) VALUES (?, ?)"), (a, b))
+
+        Commits when the block ends; rolls back and re-raises when it raises (the driver's
+        own errors, for your statements, pass unchanged). See UserTransaction. It runs on a
+        connection of its own, outside the journal's shared transactions: keep it short
+        (on SQLite it holds the database's one write lock until it ends)."""
+        if self._closed:
+            raise ServerClosed("the journal is closed")
+        with self.driver.transaction() as cur:
+            yield UserTransaction(cur, self.driver.paramstyle, self.dialect.name, self.dialect.translate)
 
     # --- the dashboard: overview, delete, bulk ----------------------------------------
     def stats(self, owner=None, sample=2000, day=True):
@@ -773,9 +856,9 @@ class Journal:
             finished = {}
             for window, since in (("hour", hour), ("day", day_from))[:2 if day else 1]:
                 cur.execute(getattr(sql, "stats_finished" + suffix), (since, *own))
-                finished[window] = dict(zip(_ENDED, (int(n or 0) for n in cur.fetchone())))
+                finished[window] = dict(zip(ENDED, (int(n or 0) for n in cur.fetchone())))
             cur.execute(getattr(sql, "stats_minutes" + suffix), (minutes_from, *own))
-            minutes = [(int(m), dict(zip(_ENDED, (int(n or 0) for n in counts))))
+            minutes = [(int(m), dict(zip(ENDED, (int(n or 0) for n in counts))))
                        for m, *counts in cur.fetchall()]
             since = lowest_id_at(hour)
             if owner is None:
@@ -797,9 +880,7 @@ class Journal:
         Raises InvalidTransition if it is not terminal (state None: there is no such job)."""
         def op(cur):
             if not self._delete_one(cur, job_id):
-                cur.execute(self.sql.state_of, (job_id,))
-                row = cur.fetchone()
-                raise InvalidTransition(job_id, row[0] if row else None, "delete")
+                raise InvalidTransition(job_id, _scalar(cur, self.sql.state_of, (job_id,)), "delete")
         self._write(op)
 
     def _delete_one(self, cur, job_id):
@@ -828,21 +909,24 @@ class Journal:
         with waiting():
             return self._read(read)
 
-    def bulk(self, action, job_ids, new_callback_id):
+    def bulk(self, action, job_ids):
         """Apply `action` (cancel, retry, delete) to each of `job_ids` in one transaction,
         each change guarded by the job's state as the single-job action is.
 
-        Returns {id: outcome} for the jobs it changed: for cancel the new state
-        (cancelled, or running with cancel requested), for retry 'queued', for delete 'deleted'."""
+        Returns (changed, with_callback): {id: outcome} for the jobs it changed (for cancel
+        the new state: cancelled, or running with cancel requested; for retry 'queued', for
+        delete 'deleted'), and the ids of the cancelled jobs whose delivery was written."""
         sql = self.sql
 
         def op(cur):
-            changed = {}
+            changed, with_callback = {}, set()
             for job_id in job_ids:
                 if action == "cancel":
                     cur.execute(sql.cancel_queued, (job_id,))
                     if cur.rowcount:
                         cur.execute(sql.add_callback, (new_callback_id(), job_id))
+                        if cur.rowcount:
+                            with_callback.add(job_id)
                         changed[job_id] = State.CANCELLED
                         continue
                     cur.execute(sql.cancel_running, (job_id,))
@@ -857,7 +941,7 @@ class Journal:
                         changed[job_id] = "deleted"
                 else:
                     raise ValueError(f"unknown bulk action {action!r}")
-            return changed
+            return changed, frozenset(with_callback)
         return self._write(op)
 
 

@@ -13,6 +13,7 @@ import queue
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pymysql
@@ -88,6 +89,7 @@ class SqliteDriver:
 
     dialect = SqliteDialect
     integrity_errors = (sqlite3.IntegrityError,)
+    paramstyle = sqlite3.paramstyle
     refusals = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
                 sqlite3.ProgrammingError, sqlite3.NotSupportedError)
 
@@ -132,16 +134,37 @@ class SqliteDriver:
             return f"the SQLite journal {self.path} refuses writes: {exc}"
         return f"cannot open SQLite journal {self.path}: {exc}"
 
-    def read(self, fn):
+    def _thread_connection(self):
         if self._closed:
             raise JournalUnavailable("the journal is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
+        return conn
+
+    def read(self, fn):
+        conn = self._thread_connection()
         try:
             return fn(conn.cursor())
         except sqlite3.OperationalError as exc:
             raise JournalUnavailable(f"journal read failed: {exc}") from exc
+
+    @contextmanager
+    def transaction(self):
+        """A user's transaction on this thread's connection: BEGIN IMMEDIATE (waiting up to
+        busy_timeout for the write lock), COMMIT, or ROLLBACK when the block raised."""
+        conn = self._thread_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise JournalUnavailable(f"cannot begin a transaction: {exc}") from exc
+        try:
+            yield conn.cursor()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def write_transaction(self, fn):
         """BEGIN IMMEDIATE; fn(cursor); COMMIT — rolled back if anything raises."""
@@ -252,6 +275,7 @@ class MysqlDriver:
 
     dialect = MysqlDialect
     integrity_errors = (pymysql.err.IntegrityError,)
+    paramstyle = pymysql.paramstyle
     # one statement refused for its data, besides PyMySQL's IntegrityError and DataError: bad
     # null, out of range, truncated, no default, incorrect string, too long, foreign keys, a
     # SIGNAL, a CHECK constraint (MySQL 8, MariaDB)
@@ -344,6 +368,40 @@ class MysqlDriver:
                     raise
                 self._idle.put((conn, time.monotonic()))
                 return result
+        finally:
+            self._slots.release()
+
+    @contextmanager
+    def transaction(self):
+        """A user's transaction on a pooled connection: BEGIN, COMMIT, or ROLLBACK when the
+        block raised. A connection that failed is closed, not put back."""
+        if not self._slots.acquire(timeout=10):
+            raise JournalUnavailable("all journal connections are busy")
+        try:
+            conn = self._checkout()
+            try:
+                conn.begin()
+            except pymysql.err.MySQLError as exc:
+                _close_quietly(conn)
+                raise JournalUnavailable(f"cannot begin a transaction: {exc}") from exc
+            healthy = False
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+                conn.commit()
+                healthy = True
+            except BaseException:
+                try:
+                    conn.rollback()
+                    healthy = True
+                except pymysql.err.MySQLError:
+                    log.debug("rollback failed; the connection is closed", exc_info=True)
+                raise
+            finally:
+                if healthy:
+                    self._idle.put((conn, time.monotonic()))
+                else:
+                    _close_quietly(conn)
         finally:
             self._slots.release()
 

@@ -6,13 +6,29 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 `journal.Journal` does.
 """
 
+from .model import JOB_FIELDS, TERMINAL, TRANSITIONS, Action, State
+
 SCHEMA_VERSION = 3
 
-JOB_COLUMNS = ("id", "task", "owner", "state", "params", "priority", "attempts", "max_retries",
-               "timeout", "run_at", "lease_owner", "lease_token", "lease_expires", "crashes",
-               "progress", "result", "error", "cancel_requested", "callback_url",
-               "idempotency_key", "request_hash", "created_at", "started_at", "finished_at")
+JOB_COLUMNS = JOB_FIELDS  # every SELECT of a job lists these, in this order: Job.from_row reads them so
 _COLS = ", ".join(JOB_COLUMNS)
+#: the most ids one statement binds (a list page's rows are read in runs of this many)
+MAX_IDS = 64
+#: the terminal states in the order of the dashboard's per-state sums
+ENDED = tuple(state.value for state in State if state in TERMINAL)
+
+
+def leaving(action, column="state"):
+    """`state = 'x'` (or `state IN (...)`): the states `action` may start from, as the table
+    TRANSITIONS says. Only the table's constants are formatted in."""
+    names = sorted(f"'{state.value}'" for state in TRANSITIONS[action].sources)
+    return f"{column} = {names[0]}" if len(names) == 1 else f"{column} IN ({', '.join(names)})"
+
+
+def entering(action):
+    """`state = 'x'`: the one state `action` leads to (FINISH's is bound: it has three)."""
+    [target] = TRANSITIONS[action].targets
+    return f"state = '{target.value}'"
 
 # --- schema ---------------------------------------------------------------------------
 # A text entry runs on every engine: {text} is a column for JSON documents, {opts} the table
@@ -84,21 +100,18 @@ MIGRATIONS = {
             name VARCHAR(190) NOT NULL PRIMARY KEY,
             value {text} NOT NULL
         ){opts}""",
-        """CREATE TABLE IF NOT EXISTS projects (
-            id {autoid},
-            projname VARCHAR(190) NOT NULL,
-            prodesc {text} NULL,
-            job_id VARCHAR(36) NULL,
-            created_at BIGINT NOT NULL
-        ){opts}""",
+        # until version 0.1 this migration also made the demo's `projects` table; journals
+        # made then keep it (and its rows): demo.py creates the same table when it is missing
     ],
     # MySQL's utf8mb4_bin is PAD SPACE: 'k' and 'k ' compared equal, so the unique index made
     # them one idempotency key (and 'alice ' listed alice's jobs, step 'a ' replayed step 'a').
     # Every table moves to the server's NO PAD binary collation ({exact}: utf8mb4_nopad_bin on
     # MariaDB, utf8mb4_0900_bin on MySQL 8), which compares as SQLite's BINARY already does.
     # This rebuilds each table once: on a large journal it takes a while, under a lock.
+    # (The demo's `projects` table, which journals made by version 1 hold, is the demo's
+    # own now: its collation is left alone.)
     2: [{"mysql": f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {{exact}}"}
-        for table in ("jobs", "steps", "callbacks", "tokens", "settings", "projects")],
+        for table in ("jobs", "steps", "callbacks", "tokens", "settings")],
     # 3: the dashboard at a million jobs.
     # jobs_finished: the overview reads finished jobs by time; counts by state of the last
     # hour or day and of the unfinished jobs (finished_at NULL) come from this index alone,
@@ -119,77 +132,78 @@ MYSQL_EXACT_COLLATION = (
 
 
 class Sql:
-    """Every statement, written once with `?` markers; `now` is the database clock in ms."""
+    """Every statement, written once with `?` markers; `now` is the database clock in ms.
+
+    A statement that changes a job's state takes its `WHERE state ...` test and its new
+    state from model.TRANSITIONS (`leaving`, `entering`), named by the action it makes."""
 
     def __init__(self, dialect):
         now, lock = dialect.now_ms, dialect.lock_rows
-        q = dialect.translate
+        q = self._q = dialect.translate
         self.now = q(f"SELECT {now}")
         self.insert_job = q(f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})")
         self.find_idempotent = q(f"SELECT {_COLS} FROM jobs WHERE owner = ? AND idempotency_key = ?")
         self.get_job = q(f"SELECT {_COLS} FROM jobs WHERE id = ?")
-        job_cols = ", ".join(f"j.{c}" for c in JOB_COLUMNS)
-        self.get_job_and_steps = q(
-            f"SELECT {job_cols}, s.name AS step_name, s.state AS step_state, "
-            "s.started_at AS step_started_at, s.finished_at AS step_finished_at "
-            "FROM jobs j LEFT JOIN steps s ON s.job_id = j.id WHERE j.id = ? ORDER BY s.seq")
-        self.count_queued = q("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+        # the poll path: the job's row and whether it has steps to read (most have none:
+        # then one round trip is all a poll costs)
+        self.get_job_has_steps = q(
+            f"SELECT {_COLS}, EXISTS (SELECT 1 FROM steps WHERE steps.job_id = jobs.id) FROM jobs WHERE id = ?")
+        self.job_steps = q("SELECT name, state, started_at, finished_at FROM steps WHERE job_id = ? ORDER BY seq")
+        queued, running = State.QUEUED.value, State.RUNNING.value
+        self.count_queued = q(f"SELECT COUNT(*) FROM jobs WHERE state = '{queued}'")
         self.claim_select = q(
-            f"SELECT {_COLS} FROM jobs WHERE state = 'queued' AND run_at <= {now} "
+            f"SELECT {_COLS} FROM jobs WHERE {leaving(Action.CLAIM)} AND run_at <= {now} "
             f"ORDER BY priority DESC, run_at, id LIMIT ?{lock}")
         # `+state`: the ids pick the rows (the primary key); without the unary plus SQLite
         # plans this by the state index and scans every queued job (MySQL ignores the plus)
-        claim_head = (
-            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_token = lease_token + 1, "
-            f"lease_expires = {now} + ?, attempts = attempts + 1, "
-            f"started_at = COALESCE(started_at, {now}) WHERE +state = 'queued' AND id IN ")
         self.claim_updates = {}
-
-        def claim_update(n):
-            """The claim UPDATE for `n` ids: one statement and one round trip per batch.
-            Only the count of `?` markers varies; the ids themselves are bound."""
-            statement = self.claim_updates.get(n)
-            if statement is None:
-                markers = ", ".join(["?"] * n)
-                statement = self.claim_updates[n] = q(f"{claim_head}({markers})")
-            return statement
-        self.claim_update = claim_update
-        fence = "WHERE id = ? AND state = 'running' AND lease_token = ?"
-        self.renew = q(f"UPDATE jobs SET lease_expires = {now} + ? {fence}")
+        self.claim_update = self._per_count(self.claim_updates, (
+            f"UPDATE jobs SET {entering(Action.CLAIM)}, lease_owner = ?, lease_token = lease_token + 1, "
+            f"lease_expires = {now} + ?, attempts = attempts + 1, "
+            f"started_at = COALESCE(started_at, {now}) WHERE {leaving(Action.CLAIM, '+state')} AND id IN "
+            "({markers})"))
+        # a write of the run that holds the job's lease: any other run's is fenced out
+        held = f"WHERE id = ? AND state = '{running}' AND lease_token = ?"
+        self.renew = q(f"UPDATE jobs SET lease_expires = {now} + ? {held}")
         self.cancel_flags = q(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = ? AND cancel_requested = 1")
-        self.progress = q(f"UPDATE jobs SET progress = ? {fence}")
-        self.finish = q(
+            f"SELECT id FROM jobs WHERE state = '{running}' AND lease_owner = ? AND cancel_requested = 1")
+        self.progress = q(f"UPDATE jobs SET progress = ? {held}")
+        self.touch = q(f"UPDATE jobs SET lease_expires = lease_expires {held}")
+
+        def fenced(action):
+            return f"WHERE id = ? AND {leaving(action)} AND lease_token = ?"
+        released = "lease_owner = NULL, lease_expires = NULL"
+        self.finish = q(  # the one transition with several ends: the state is bound, and checked
             f"UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
+            f"{released} {fenced(Action.FINISH)}")
         self.requeue = q(
-            f"UPDATE jobs SET state = 'queued', error = ?, run_at = {now} + ?, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
+            f"UPDATE jobs SET {entering(Action.RETRY_LATER)}, error = ?, run_at = {now} + ?, "
+            f"{released} {fenced(Action.RETRY_LATER)}")
         self.give_back = q(
-            f"UPDATE jobs SET state = 'queued', attempts = attempts - 1, run_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
+            f"UPDATE jobs SET {entering(Action.GIVE_BACK)}, attempts = attempts - 1, run_at = {now}, "
+            f"{released} {fenced(Action.GIVE_BACK)}")
         self.crash_requeue = q(
-            f"UPDATE jobs SET state = 'queued', crashes = crashes + 1, run_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
+            f"UPDATE jobs SET {entering(Action.CRASH_REQUEUE)}, crashes = crashes + 1, run_at = {now}, "
+            f"{released} {fenced(Action.CRASH_REQUEUE)}")
         self.crash_fail = q(
-            f"UPDATE jobs SET state = 'failed', crashes = crashes + 1, error = ?, finished_at = {now}, "
-            f"lease_owner = NULL, lease_expires = NULL {fence}")
+            f"UPDATE jobs SET {entering(Action.CRASH_FAIL)}, crashes = crashes + 1, error = ?, "
+            f"finished_at = {now}, {released} {fenced(Action.CRASH_FAIL)}")
         self.expired = q(
-            f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' "
+            f"SELECT id, lease_token, crashes FROM jobs WHERE state = '{running}' "
             f"AND lease_expires < {now}{lock}")
         self.held_by = q(
-            f"SELECT id, lease_token, crashes FROM jobs WHERE state = 'running' AND lease_owner = ?{lock}")
-        self.running_owners = q("SELECT DISTINCT lease_owner FROM jobs WHERE state = 'running'")
-        self.touch = q(f"UPDATE jobs SET lease_expires = lease_expires {fence}")
+            f"SELECT id, lease_token, crashes FROM jobs WHERE state = '{running}' AND lease_owner = ?{lock}")
+        self.running_owners = q(f"SELECT DISTINCT lease_owner FROM jobs WHERE state = '{running}'")
         self.state_of = q("SELECT state FROM jobs WHERE id = ?")
         self.cancel_queued = q(
-            f"UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = {now} "
-            "WHERE id = ? AND state = 'queued'")
-        self.cancel_running = q("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'")
+            f"UPDATE jobs SET {entering(Action.CANCEL_QUEUED)}, cancel_requested = 1, finished_at = {now} "
+            f"WHERE id = ? AND {leaving(Action.CANCEL_QUEUED)}")
+        self.cancel_running = q(  # the state stays: the run sees the flag and finishes cancelled
+            f"UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND {leaving(Action.REQUEST_CANCEL)}")
         self.retry = q(
-            f"UPDATE jobs SET state = 'queued', attempts = 0, crashes = 0, result = NULL, error = NULL, "
-            f"progress = NULL, cancel_requested = 0, run_at = {now}, started_at = NULL, "
-            "finished_at = NULL WHERE id = ? AND state IN ('failed', 'cancelled')")
+            f"UPDATE jobs SET {entering(Action.RETRY)}, attempts = 0, crashes = 0, result = NULL, "
+            f"error = NULL, progress = NULL, cancel_requested = 0, run_at = {now}, started_at = NULL, "
+            f"finished_at = NULL WHERE id = ? AND {leaving(Action.RETRY)}")
         # steps
         self.get_step = q("SELECT name, seq, state, result, error, started_at, finished_at "
                           "FROM steps WHERE job_id = ? AND name = ?")
@@ -228,16 +242,13 @@ class Sql:
         self.rearm_callback = q(
             f"UPDATE callbacks SET state = 'pending', attempts = 0, next_at = {now}, last_error = NULL "
             "WHERE id = ? AND state = 'failed'")
-        # tokens, settings, projects
+        # tokens, settings
         self.add_token = q(f"INSERT INTO tokens (name, token_hash, admin, created_at) VALUES (?, ?, ?, {now})")
         self.find_token = q("SELECT name, admin FROM tokens WHERE token_hash = ?")
         self.count_tokens = q("SELECT COUNT(*) FROM tokens")
         self.get_setting = q("SELECT value FROM settings WHERE name = ?")
         self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
         self.touch_setting = q("UPDATE settings SET value = ? WHERE name = ?")
-        self.add_project = q(
-            f"INSERT INTO projects (projname, prodesc, job_id, created_at) VALUES (?, ?, ?, {now})")
-        self.get_projects = q("SELECT projname, prodesc, job_id FROM projects WHERE job_id = ?")
         # one op of a shared transaction, isolated from the others (after one of them failed)
         self.savepoint = q("SAVEPOINT journal_op")
         self.rollback_to_savepoint = q("ROLLBACK TO SAVEPOINT journal_op")
@@ -246,12 +257,30 @@ class Sql:
         self.version_table = q("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         self.get_version = q("SELECT MAX(version) FROM schema_version")
         self.set_version = q("INSERT INTO schema_version (version) VALUES (?)")
-        self.list = self._list_queries(q)
-        self.list_steps = {key: q(
-            "SELECT s.job_id, s.name, s.seq, s.state, s.started_at, s.finished_at FROM steps s "
-            f"JOIN (SELECT id FROM jobs{where} ORDER BY id DESC LIMIT ?) page ON s.job_id = page.id "
-            "ORDER BY s.job_id, s.seq") for key, where in self._list_filters()}
+        # a list page: first each candidate's id and stored size (a few bytes a row, however
+        # big its documents), then the rows that fit the page's byte budget, by id
+        size = ("LENGTH(params) + COALESCE(LENGTH(progress), 0) + COALESCE(LENGTH(result), 0) "
+                "+ COALESCE(LENGTH(error), 0)")
+        self.list_sizes = {key: q(f"SELECT id, {size} FROM jobs{where} ORDER BY id DESC LIMIT ?")
+                           for key, where in self._list_filters()}
+        self.page_jobs_made, self.page_steps_made = {}, {}
+        self.page_jobs = self._per_count(
+            self.page_jobs_made, f"SELECT {_COLS} FROM jobs WHERE id IN ({{markers}}) ORDER BY id DESC")
+        self.page_steps = self._per_count(self.page_steps_made, (
+            "SELECT job_id, name, state, started_at, finished_at FROM steps "
+            "WHERE job_id IN ({markers}) ORDER BY job_id, seq"))
         self._dashboard_queries(dialect)
+
+    def _per_count(self, made, text):
+        """`statement(n)`: `text` with `n` bound `?` markers in place of {markers}: one
+        statement and one round trip for a batch of ids. Made once per count, kept in `made`
+        (a claim's counts go up to the pool's workers, a list page's up to MAX_IDS)."""
+        def statement(n):
+            found = made.get(n)
+            if found is None:
+                found = made[n] = self._q(text.format(markers=", ".join(["?"] * n)))
+            return found
+        return statement
 
     @staticmethod
     def _list_filters():
@@ -262,10 +291,6 @@ class Sql:
             key = tuple(bool(mask & (1 << i)) for i in range(4))
             used = [tests[n] for n, on in zip(names, key) if on]
             yield key, (" WHERE " + " AND ".join(used)) if used else ""
-
-    def _list_queries(self, q):
-        return {key: q(f"SELECT {_COLS} FROM jobs{where} ORDER BY id DESC LIMIT ?")
-                for key, where in self._list_filters()}
 
     # --- the dashboard: overview, delete, bulk -----------------------------------------
     # the minute a finished_at falls in (integer division differs between the engines)
@@ -286,7 +311,7 @@ class Sql:
         # per terminal state, one SUM each: a GROUP BY state sorts the range in a temporary
         # B-tree, several times slower over a day of jobs than these sums
         sums = ", ".join(f"SUM(CASE WHEN state = '{state}' THEN 1 ELSE 0 END)"
-                         for state in ("succeeded", "failed", "cancelled"))
+                         for state in ENDED)
         for suffix, mine in (("", ""), ("_owner", " AND +owner = ?")):
             setattr(self, "stats_unfinished" + suffix, q(
                 f"SELECT state, COUNT(*) FROM {jobs} WHERE finished_at IS NULL{mine} GROUP BY state"))
@@ -302,8 +327,7 @@ class Sql:
         # ids are UUIDv7: those at or above a time's lowest id were submitted since
         self.stats_submitted = q("SELECT COUNT(*) FROM jobs WHERE id >= ?")
         self.stats_submitted_owner = q("SELECT COUNT(*) FROM jobs WHERE owner = ? AND id >= ?")
-        self.delete_job = q(
-            "DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')")
+        self.delete_job = q(f"DELETE FROM jobs WHERE id = ? AND {leaving(Action.DELETE)}")
         self.delete_steps = q("DELETE FROM steps WHERE job_id = ?")
         self.delete_callbacks = q("DELETE FROM callbacks WHERE job_id = ?")
         # bulk: the page of ids a filter names, as the list reads it (same filters, same order)

@@ -3,7 +3,8 @@
 One dispatcher thread claims jobs in batches (up to the free worker slots), renews
 the leases of running jobs, enforces time limits and requeues jobs whose owner died.
 Outcomes are recorded inside the worker function, never in future callbacks (those
-swallow exceptions), and are retried while the journal is unreachable.
+swallow exceptions), and are retried while the journal is unreachable. What happens to
+a job here is told to the listener as a `JobEvent`, once it is committed.
 
 A Python thread cannot be killed. A job past its time limit is failed with
 TimeoutError and asked to stop (ctx.cancelled); its thread keeps its worker slot
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 
 from .codec import MAX_DOCUMENT, dumps
 from .errors import JobCancelled, JournalUnavailable, LeaseLost, ServerClosed, UnknownTask, WriteRefused
-from .ids import new_id
-from .journal import State
+from .model import Job, JobEvent, State
 from .tasks import JobContext
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ def _dead_local_owner(owner, scope):
     return False
 
 
-
 def error_info(exc, with_traceback=True):
     """The job's `error` object for an exception."""
     info = {"type": type(exc).__name__, "message": str(exc)[:MAX_MESSAGE]}
@@ -91,7 +90,7 @@ class _Replacement:
 
 @dataclass
 class _Run:
-    job: dict
+    job: Job  # as claimed: its lease_token is this run's
     ctx: JobContext
     deadline: float | None
     abandoned: bool = False  # finished by someone else (time limit, lost lease, shutdown)
@@ -100,11 +99,14 @@ class _Run:
     def key(self):
         """One run of one job: a job retried while an abandoned run's thread still lives
         has two runs here, told apart by their lease tokens."""
-        return self.job["id"], self.ctx._token
+        return self.job.id, self.job.lease_token
 
 
 class Pool:
-    """Runs jobs from a journal. Build it, `start()`, and `stop()` to shut down in order."""
+    """Runs jobs from a journal. Build it, `start()`, and `stop()` to shut down in order.
+
+    `listener(JobEvent)` hears what happens to jobs here; it runs on the pool's threads
+    (the journal's committer included) and must be quick."""
 
     def __init__(self, journal, registry, *, workers=8, lease_seconds=30.0, poll_interval=0.5,
                  shutdown_grace=10.0, max_crashes=3, listener=None, node_id=None):
@@ -129,8 +131,10 @@ class Pool:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._abandon = threading.Event()
+        self._draining = threading.Event()  # stop claiming; heartbeats and outcome retries go on
+        self._claiming = threading.Lock()   # held through a claim and the start of its runs
+        self._stopping = threading.Event()  # the dispatcher ends
+        self._abandon = threading.Event()   # outcome writes that fail now are left to recovery
         self._claim_in_doubt = False  # a claim failed: it may have committed all the same
         self._executor = None
         self._dispatcher = None
@@ -146,35 +150,33 @@ class Pool:
         log.info("pool %s started with %d workers", self.node_id, self.workers)
 
     def stop(self, grace=None):
-        """Stop claiming, let running jobs finish for `grace` seconds, give the rest back."""
-        if self._stopping.is_set():
+        """Shut down in order (as Dramatiq's Worker.stop: workers before the heartbeat);
+        safe to call twice.
+
+        1. Drain: the dispatcher stops claiming, but goes on renewing the leases of running
+           jobs (a grace longer than the lease must not let another node run them again)
+           and retrying outcome writes.
+        2. Wait up to `grace` seconds for the running jobs and their outcomes.
+        3. Give the rest back to the queue.
+        4. Stop the dispatcher.
+        5. Stop the executor (a given-back job's thread ends when its task returns)."""
+        if self._draining.is_set():
             return
-        self._stopping.set()
+        self._draining.set()
         self._wake.set()
+        with self._claiming:
+            pass  # a claim under way has ended: its runs are in _running, and no claim follows
         if self._dispatcher is not None:
-            self._dispatcher.join()
-        grace = self.shutdown_grace if grace is None else grace
-        deadline = time.monotonic() + grace
-        heartbeat_every, next_heartbeat = max(self.lease_ms / 3000, 0.05), time.monotonic()
-        with self._idle:
-            while not self._is_idle() and time.monotonic() < deadline:
-                self._idle.wait(0.05)
-                self._lock.release()  # the dispatcher has stopped: its upkeep goes on here
-                try:
-                    self._retry_outcomes()
-                    if time.monotonic() >= next_heartbeat:
-                        # a grace longer than the lease must not let another node take over
-                        # (and run again) a job that is about to finish here
-                        next_heartbeat = time.monotonic() + heartbeat_every
-                        self._heartbeat()
-                except JournalUnavailable as exc:
-                    log.warning("journal unavailable while stopping (%s); retrying", exc)
-                finally:
-                    self._lock.acquire()
+            self.join(self.shutdown_grace if grace is None else grace)
+        with self._lock:
             leftover = list(self._running.values())
         for run in leftover:
             self._give_back(run, "the server is shutting down")
         self._abandon.set()
+        self._stopping.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -182,13 +184,19 @@ class Pool:
         # Give the job back before telling the task to stop: a task that honours the
         # request would otherwise race to record itself 'cancelled' or 'succeeded'.
         run.abandoned = True
+        job_id, token = run.key
         try:
-            if self.journal.give_back(run.job["id"], run.ctx._token):
-                log.warning("job %s given back to the queue: %s", run.job["id"], reason)
+            if self.journal.give_back(job_id, token):
+                log.warning("job %s given back to the queue: %s", job_id, reason)
+                self._emit(JobEvent.state_changed(job_id, State.QUEUED))
         except JournalUnavailable:
-            log.warning("job %s not given back (journal unreachable); its lease will expire",
-                        run.job["id"])
+            log.warning("job %s not given back (journal unreachable); its lease will expire", job_id)
         run.ctx.request_cancel(reason)
+
+    @property
+    def draining(self):
+        """True once stop() began: nothing more is claimed here."""
+        return self._draining.is_set()
 
     def wake(self):
         """Claim now: a job was submitted in this process, or a worker slot came free."""
@@ -210,6 +218,7 @@ class Pool:
             self._idle.notify_all()
 
     def running_ids(self):
+        """The ids of the jobs whose task functions run here now."""
         with self._lock:
             return [job_id for job_id, _token in self._running]
 
@@ -231,13 +240,13 @@ class Pool:
             full_batch = False
             try:
                 self._retry_outcomes()
-                full_batch = self._claim()
+                full_batch = self._claim()  # nothing while draining
                 now = time.monotonic()
                 self._enforce_time_limits(now)
                 if now >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = now + heartbeat_every
-                if now >= next_sweep:
+                if now >= next_sweep and not self._draining.is_set():
                     self.recover()
                     next_sweep = now + min(heartbeat_every * 1.5, SWEEP_EVERY)
                 failures = 0
@@ -264,20 +273,23 @@ class Pool:
         return wait
 
     def _claim(self):
-        if self._claim_in_doubt:
-            self._give_back_unknown_claims()
-        with self._lock:
-            free = self.workers - len(self._running)
-        if free <= 0:
-            return False
-        try:
-            jobs = self.journal.claim(self.node_id, free, self.lease_ms)
-        except JournalUnavailable:
-            self._claim_in_doubt = True
-            raise
-        for job in jobs:
-            self._start_run(job)
-        return len(jobs) == free
+        with self._claiming:
+            if self._claim_in_doubt:  # draining or not: those jobs must not wait out a lease
+                self._give_back_unknown_claims()
+            if self._draining.is_set():
+                return False
+            with self._lock:
+                free = self.workers - len(self._running)
+            if free <= 0:
+                return False
+            try:
+                jobs = self.journal.claim(self.node_id, free, self.lease_ms)
+            except JournalUnavailable:
+                self._claim_in_doubt = True
+                raise
+            for job in jobs:
+                self._start_run(job)
+            return len(jobs) == free
 
     def _give_back_unknown_claims(self):
         """After a claim that failed, give back the jobs held under this node id that no run
@@ -295,14 +307,12 @@ class Pool:
             self._wake.set()
 
     def _start_run(self, job):
-        timeout = job.get("timeout")
-        if timeout is None and job["task"] in self.registry:
-            timeout = self.registry.get(job["task"]).timeout
-        ctx = JobContext(job, self.journal, on_progress=self._progress_event)
+        timeout = job.effective_timeout(self.registry.default_timeout(job.task))
+        ctx = JobContext(job, self.journal, emit=self._emit)
         run = _Run(job, ctx, time.monotonic() + timeout if timeout else None)
         with self._lock:
             self._running[run.key] = run
-        self._notify("state", job["id"], {"state": "running", "attempt": job["attempts"]})
+        self._emit(JobEvent.state_changed(job.id, State.RUNNING, attempt=job.attempts))
         self._executor.submit(self._work, run)
 
     def _enforce_time_limits(self, now):
@@ -311,7 +321,7 @@ class Pool:
         for run in late:
             run.abandoned = True
             limit = run.deadline - run.ctx.started
-            log.warning("job %s exceeded its time limit of %g s", run.job["id"], limit)
+            log.warning("job %s exceeded its time limit of %g s", run.job.id, limit)
             exc = TimeoutError(f"job exceeded its time limit of {limit:g} s")
             # Queue the failure before waking the task, so that the outcome the task records
             # when it stops comes second and is fenced out.
@@ -331,7 +341,7 @@ class Pool:
             flagged = [run for key, run in self._running.items()
                        if key[0] in lost | cancel and key not in finishing and not run.abandoned]
         for run in flagged:
-            job_id = run.job["id"]
+            job_id = run.job.id
             if job_id in lost:
                 log.warning("job %s: lease lost; stopping this run", job_id)
                 run.abandoned = True
@@ -348,18 +358,21 @@ class Pool:
         lost = {"type": "WorkerLost",
                 "message": f"the job's process died {self.max_crashes} times while running it"}
         for owner in owners:
-            requeued, failed = self.journal.recover(self.max_crashes, lost, self._callback_id, owner=owner)
-            for job_id in requeued:
+            recovery = self.journal.recover(self.max_crashes, lost, owner=owner)
+            for job_id in recovery.requeued:
                 log.warning("job %s recovered from a dead worker; queued again", job_id)
-            for job_id in failed:
+                self._emit(JobEvent.state_changed(job_id, State.QUEUED, error_type="WorkerLost"))
+            for job_id in recovery.failed:
                 log.error("job %s failed with WorkerLost after %d crashes", job_id, self.max_crashes)
-                self._notify("state", job_id, {"state": "failed"})
-            if requeued:
+                self._emit(JobEvent.state_changed(
+                    job_id, State.FAILED, error_type="WorkerLost",
+                    callback="pending" if job_id in recovery.with_callback else None))
+            if recovery.requeued:
                 self._wake.set()
 
     # --- running a job ----------------------------------------------------------------
     def _work(self, run):
-        job_id = run.job["id"]
+        job_id = run.job.id
         try:
             self._execute(run)
         except Exception:  # a bug here must not leave the job 'running' with a live lease
@@ -373,11 +386,11 @@ class Pool:
     def _execute(self, run):
         job, ctx = run.job, run.ctx
         try:
-            spec = self.registry.get(job["task"])
+            spec = self.registry.get(job.task)
         except UnknownTask as exc:
             return self._fail(run, exc, retryable=False)
         try:
-            result = spec.fn(ctx, **job["params"])
+            result = spec.fn(ctx, **job.params)
         except JobCancelled as exc:
             return self._finish(run, State.CANCELLED, error=error_info(exc, False))
         except BaseException as exc:  # anything a task raises ends the job, not the thread
@@ -394,17 +407,17 @@ class Pool:
 
     def _fail(self, run, exc, retryable):
         job = run.job
-        spec = self.registry.tasks.get(job["task"])
-        failures = job["attempts"] - job["crashes"]
+        spec = self.registry.tasks.get(job.task)
+        failures = job.attempts - job.crashes
         error = error_info(exc)
-        if retryable and spec is not None and failures <= job["max_retries"] and not run.ctx.cancelled:
+        if retryable and spec is not None and failures <= job.max_retries and not run.ctx.cancelled:
             delay = backoff_seconds(spec.retry_backoff, spec.retry_backoff_max, failures)
-            log.info("job %s failed (%s); retry %d of %d in %.1f s", job["id"], error["type"],
-                     failures, job["max_retries"], delay)
-            event = ("state", job["id"], {"state": "queued", "error": error})
+            log.info("job %s failed (%s); retry %d of %d in %.1f s", job.id, error["type"],
+                     failures, job.max_retries, delay)
+            event = JobEvent.state_changed(job.id, State.QUEUED, error_type=error["type"])
             return self._record(run, lambda on_done: self.journal.requeue(
-                job["id"], run.ctx._token, int(delay * 1000), error, on_done=on_done), event)
-        log.info("job %s failed: %s: %s", job["id"], error["type"], error["message"])
+                job.id, job.lease_token, int(delay * 1000), error, on_done=on_done), event)
+        log.info("job %s failed: %s: %s", job.id, error["type"], error["message"])
         return self._finish(run, State.FAILED, error=error)
 
     def _finish(self, run, state, result=None, error=None):
@@ -412,11 +425,13 @@ class Pool:
 
     def _finish_write(self, run, state, result=None, error=None):
         """(write, event) of a finish, for _record."""
-        job_id = run.job["id"]
-        callback_id = self._callback_id() if run.job.get("callback_url") else None
+        job = run.job
+        callback = job.callback_url is not None  # the journal writes its delivery, same transaction
+        event = JobEvent.state_changed(job.id, state, error_type=None if error is None else error["type"],
+                                       callback="pending" if callback else None)
         return (lambda on_done: self.journal.finish(
-            job_id, run.ctx._token, state, result=result, error=error, callback_id=callback_id,
-            on_done=on_done), ("state", job_id, {"state": state.value, "callback": callback_id is not None}))
+            job.id, job.lease_token, state, result=result, error=error, callback=callback,
+            on_done=on_done), event)
 
     # --- recording outcomes -----------------------------------------------------------
     def _record(self, run, write, event, delay=0.05, ticket=None):
@@ -428,7 +443,7 @@ class Pool:
         one the journal refuses for good is replaced by a finish `failed` with an
         OutcomeRefused error; one fenced out (LeaseLost) belongs to another run now. At
         shutdown an unwritten outcome is left to recovery."""
-        job_id, ticket = run.job["id"], ticket or object()
+        job_id, ticket = run.job.id, ticket or object()
         with self._lock:
             self._finishing[ticket] = run  # kept through retries: its lease is still renewed
 
@@ -461,7 +476,7 @@ class Pool:
         """The journal refused an outcome for good (it would be refused on every retry): end
         the job `failed` with an OutcomeRefused error and no result instead, written by the
         dispatcher as a retry is. If that is refused too, the job is left to recovery."""
-        job_id = run.job["id"]
+        job_id = run.job.id
         if isinstance(ticket, _Replacement):
             log.error("job %s: the journal refused its OutcomeRefused finish too (%s); "
                       "the job will be recovered", job_id, error)
@@ -485,7 +500,7 @@ class Pool:
             self._finishing.pop(ticket, None)
             self._notify_if_idle()
         if event is not None:
-            self._notify(*event)
+            self._emit(event)
 
     def _retry_outcomes(self):
         now = time.monotonic()
@@ -495,17 +510,11 @@ class Pool:
         for _due, run, write, event, delay, ticket in due:
             self._record(run, write, event, delay, ticket)
 
-    @staticmethod
-    def _callback_id():
-        return "msg_" + new_id().replace("-", "")
-
-    def _progress_event(self, job_id, note):
-        self._notify("progress", job_id, note)
-
-    def _notify(self, kind, job_id, data):
+    def _emit(self, event):
+        """Tell the listener; a listener's bug must not stop the pool."""
         if self._listener is None:
             return
         try:
-            self._listener(kind, job_id, data)
-        except Exception:  # a listener's bug must not stop the pool
-            log.exception("job %s: event listener failed", job_id)
+            self._listener(event)
+        except Exception:
+            log.exception("job %s: event listener failed", event.job_id)

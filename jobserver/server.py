@@ -10,13 +10,14 @@ import time
 
 from .admission import waiting
 from .callbacks import Deliverer
-from .codec import MAX_DOCUMENT, dumps, loads, storable
+from .codec import MAX_DOCUMENT, dumps, storable
 from .config import Config
 from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed
-from .ids import format_ms, new_id
-from .journal import TERMINAL, State, open_journal
+from .ids import new_id
+from .journal import open_journal
+from .model import DEFAULT_QUEUE, TERMINAL, JobEvent, State
 from .pool import Pool
-from .stats import DEFAULT_QUEUE, summarize
+from .stats import summarize
 from .tasks import Registry, default_registry
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past
 BULK_LIMIT = 1000  # jobs one bulk call acts on
 STATS_DAY_TTL = 30.0  # seconds the overview's last-day counts are kept
 BULK_ACTIONS = ("cancel", "retry", "delete")
-_UNSET = object()
 _STATE_NAMES = frozenset(s.value for s in State)
 _FIELDS = frozenset({"task", "params", "priority", "delay", "max_retries", "timeout",
                      "idempotency_key", "callback_url"})  # what a submit spec may hold
@@ -107,7 +107,7 @@ class JobServer:
                              shutdown_grace=self.config.shutdown_grace,
                              max_crashes=self.config.max_crashes, listener=self._on_event,
                              node_id=self.config.node_id)
-            self.deliverer = Deliverer(self.journal, self.config, render=self.get)
+            self.deliverer = Deliverer(self.journal, self.config, render=self.get, emit=self._on_event)
         except ValueError:  # a bad node id, callback secret or setting: do not leave the journal open
             self.journal.close()
             raise
@@ -153,18 +153,21 @@ class JobServer:
         return self._state in ("new", "running")
 
     def add_listener(self, fn):
-        """`fn(kind, job_id, data)` for job events in this process (state, progress).
+        """`fn(event)` for each JobEvent in this process: state, progress, step, callback.
 
         Listeners run on the pool's threads, including the journal's committer (an
         outcome is announced once it is committed): they must be quick and must not
         wait for journal writes. Hand work to your own thread."""
         self._listeners.append(fn)
 
-    def _on_event(self, kind, job_id, data):
-        if kind == "state" and data.get("state") in TERMINAL:  # State is a str enum
-            self.waiters.notify(job_id)
+    def _on_event(self, event):
+        if event.ended:
+            self.waiters.notify(event.job_id)
         for fn in self._listeners:
-            fn(kind, job_id, data)
+            try:
+                fn(event)
+            except Exception:  # one listener's bug must not keep the event from the others
+                log.exception("job %s: event listener %r failed", event.job_id, fn)
 
     # --- submit -----------------------------------------------------------------------
     def submit(self, task, params=None, *, owner=ANONYMOUS, **options):
@@ -182,20 +185,20 @@ class JobServer:
             raise InvalidJob(f"a batch holds at most {self.config.max_batch} jobs")
         if not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER or not storable(owner):
             raise InvalidJob(f"the owner must be a non-empty string of at most {MAX_OWNER} characters")
-        prepared = [self._row(spec, owner) for spec in specs]  # (row, decoded params)
-        self._check_depth(len(prepared))
-        results = self.journal.insert_jobs([row for row, _params in prepared])
-        created = sum(1 for _row, was_created in results if was_created)
+        rows = [self._row(spec, owner) for spec in specs]  # each with its decoded params
+        self._check_depth(len(rows))
+        results = self.journal.insert_jobs(rows)
+        created = sum(1 for _job, was_created in results if was_created)
         if created:
             self.pool.wake()
             self._depth = (self._depth[0], self._depth[1] + created)
         # a repeat shows its stored params (equal, as its request hash matched, but in the
         # journal's key order, as every later read shows them)
-        return [(self.to_public(row, [], None, params if was_created else _UNSET), was_created)
-                for (row, was_created), (_row, params) in zip(results, prepared)]
+        return [(self._public(job), was_created) for job, was_created in results]
 
     def _row(self, spec, owner):
-        """(the journal row of a submit spec, its params) — or InvalidJob / UnknownTask."""
+        """The journal row of a submit spec, its params decoded beside their text — or
+        InvalidJob / UnknownTask."""
         if not isinstance(spec, dict):
             raise InvalidJob("a job is a JSON object")
         if not _FIELDS.issuperset(spec):
@@ -230,7 +233,8 @@ class JobServer:
             "delay_ms": int(_opt_num(spec, "delay", 0, MAX_DELAY, 0) * 1000),
             "callback_url": callback_url, "idempotency_key": key,
             "request_hash": _request_hash(task, params) if key is not None else None,
-        }, params
+            "decoded_params": params,
+        }
 
     def _check_depth(self, adding):
         limit = self.config.max_queued
@@ -246,36 +250,34 @@ class JobServer:
     # --- reads and actions ------------------------------------------------------------
     def get(self, job_id, owner=None):
         """The job as API.md shows it; JobNotFound if absent or not `owner`'s (None: any owner)."""
-        row, steps = self._visible(job_id, owner)
-        callback = self.journal.latest_callback(job_id) if row["callback_url"] else None
-        return self.to_public(row, steps, callback)
+        job, steps = (self.journal.get_job_and_steps(job_id) if _plausible_id(job_id) else (None, []))
+        self._check_visible(job_id, job, owner)
+        callback = self.journal.latest_callback(job_id) if job.callback_url else None
+        return self._public(job, steps, callback)
 
     def _visible(self, job_id, owner):
-        """(row, steps) of a job `owner` may see (None: any), else JobNotFound — the one
-        visibility rule for reads and actions alike."""
-        row, steps = (self.journal.get_job_and_steps(job_id)
-                      if isinstance(job_id, str) and len(job_id) <= 64 else (None, []))
-        if row is None or (owner is not None and row["owner"] != owner):
+        """The Job of a job `owner` may see (None: any), else JobNotFound."""
+        job = self.journal.get_job(job_id) if _plausible_id(job_id) else None
+        self._check_visible(job_id, job, owner)
+        return job
+
+    @staticmethod
+    def _check_visible(job_id, job, owner):
+        """The one visibility rule for reads and actions alike: another owner's job is absent."""
+        if job is None or (owner is not None and job.owner != owner):
             raise JobNotFound(job_id)
-        return row, steps
+
+    def _public(self, job, steps=(), callback=None):
+        return job.to_public(steps, callback, task_timeout=self.registry.default_timeout(job.task))
 
     def list(self, owner=None, state=None, task=None, cursor=None, limit=50):
-        """(jobs newest first, next cursor or None)."""
+        """(jobs newest first, next cursor or None). A page stops early, with a cursor, once
+        its documents reach MAX_PAGE_BYTES: one result may hold megabytes."""
         if state is not None and state not in _STATE_NAMES:
             raise InvalidJob(f"unknown state {state!r}")
-        rows, steps = self.journal.list_jobs(owner=owner, state=state, task=task, before=cursor,
-                                             limit=limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        kept, size = [], 0
-        for row in rows:  # bound the page's bytes too: one result may hold megabytes
-            size += sum(len(row[col] or "") for col in ("params", "result", "error", "progress"))
-            if kept and size > MAX_PAGE_BYTES:
-                more = True
-                break
-            kept.append(row)
-        jobs = [self.to_public(row, steps.get(row["id"], []), None) for row in kept]
-        return jobs, (kept[-1]["id"] if more and kept else None)
+        page = self.journal.list_jobs(owner=owner, state=state, task=task, before=cursor,
+                                      limit=limit, max_bytes=MAX_PAGE_BYTES)
+        return [self._public(job, page.steps.get(job.id, ())) for job in page.jobs], page.next
 
     def wait(self, job_id, timeout, owner=None):
         """The job once it is terminal, or as it is after `timeout` seconds."""
@@ -296,10 +298,10 @@ class JobServer:
 
     def cancel(self, job_id, owner=None):
         """Cancel a queued job, or ask a running one to stop. InvalidTransition if finished."""
-        self._visible(job_id, owner)
-        state = self.journal.cancel(job_id, self.pool._callback_id)
-        if state == State.CANCELLED:
-            self._on_event("state", job_id, {"state": "cancelled"})
+        job = self._visible(job_id, owner)
+        if self.journal.cancel(job_id) is State.CANCELLED:
+            self._on_event(JobEvent.state_changed(job_id, State.CANCELLED,
+                                                  callback="pending" if job.callback_url else None))
         else:
             self.pool.cancel_local(job_id)
         return self.get(job_id, owner)
@@ -336,26 +338,6 @@ class JobServer:
         if details:
             health["node"] = self.pool.node_id
         return health
-
-    # --- representation ---------------------------------------------------------------
-    @staticmethod
-    def to_public(row, steps, callback, params=_UNSET):
-        """A journal row as the job representation of API.md (`params`: the decoded params,
-        when the caller has them already, as a submit does)."""
-        return {
-            "id": row["id"], "task": row["task"], "state": row["state"], "owner": row["owner"],
-            "params": loads(row["params"]) if params is _UNSET else params,
-            "priority": row["priority"], "attempts": row["attempts"],
-            "max_retries": row["max_retries"], "timeout": row["timeout"],
-            "run_at": format_ms(row["run_at"]), "progress": loads(row["progress"]),
-            "steps": [{"name": s["name"], "state": s["state"], "started_at": format_ms(s["started_at"]),
-                       "finished_at": format_ms(s["finished_at"])} for s in steps],
-            "result": loads(row["result"]), "error": loads(row["error"]),
-            "cancel_requested": bool(row["cancel_requested"]),
-            "callback": _public_callback(row, callback),
-            "created_at": format_ms(row["created_at"]), "started_at": format_ms(row["started_at"]),
-            "finished_at": format_ms(row["finished_at"]),
-        }
 
     # --- the dashboard: overview, delete, bulk ---------------------------------------
     def stats(self, owner=None):
@@ -400,11 +382,12 @@ class JobServer:
                                       ids=ids, limit=limit + 1)
         more = len(page) > limit
         page = page[:limit]
-        changed = self.journal.bulk(action, [job_id for job_id, _state in page],
-                                    self.pool._callback_id) if page else {}
+        changed, with_callback = (self.journal.bulk(action, [job_id for job_id, _state in page])
+                                  if page else ({}, frozenset()))
         for job_id, outcome in changed.items():  # what the single-job actions announce
             if outcome == State.CANCELLED:
-                self._on_event("state", job_id, {"state": "cancelled"})
+                self._on_event(JobEvent.state_changed(
+                    job_id, State.CANCELLED, callback="pending" if job_id in with_callback else None))
             elif outcome == State.RUNNING:
                 self.pool.cancel_local(job_id)
         if action == "retry" and changed:
@@ -412,14 +395,8 @@ class JobServer:
         return len(page), len(changed), (page[-1][0] if more else None)
 
 
-def _public_callback(row, callback):
-    if not row["callback_url"]:
-        return None
-    if callback is None:
-        return {"url": row["callback_url"], "state": "pending",
-                "attempts": 0, "last_error": None, "delivered_at": None}
-    return {"url": callback["url"], "state": callback["state"], "attempts": callback["attempts"],
-            "last_error": callback["last_error"], "delivered_at": format_ms(callback["delivered_at"])}
+def _plausible_id(job_id):
+    return isinstance(job_id, str) and len(job_id) <= 64
 
 
 def _opt_str(spec, name, max_len):

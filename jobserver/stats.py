@@ -8,11 +8,12 @@ long does this task take now?", not over all time."""
 import math
 
 from .ids import format_ms
+from .model import DEFAULT_QUEUE, State
+from .model import TERMINAL as _ENDED
 
 UNFINISHED = ("queued", "running", "waiting")
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = tuple(state.value for state in State if state in _ENDED)
 MINUTES = 60
-DEFAULT_QUEUE = "default"  # every job's queue until queues land in the journal
 
 
 def percentile(sorted_values, fraction):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from .codec import MAX_DOCUMENT, dumps, loads, storable
 from .errors import JobCancelled, UnknownTask
+from .model import JobEvent
 
 MAX_STEP_NAME = 190  # the journal's steps.name column
 
@@ -47,6 +48,11 @@ class Registry:
     def __contains__(self, name):
         return name in self.tasks
 
+    def default_timeout(self, name):
+        """The time limit of a task's jobs that set none (None: no limit, or no such task here)."""
+        spec = self.tasks.get(name)
+        return None if spec is None else spec.timeout
+
     def __iter__(self):
         return iter(sorted(self.tasks.values(), key=lambda spec: spec.name))
 
@@ -77,26 +83,28 @@ class JobContext:
     """What a running task is handed as its first argument.
 
     `step()` checkpoints, `progress()` reports, `check_cancelled()` stops the task when a
-    cancel was requested or its time limit passed. The pool builds one per run."""
+    cancel was requested or its time limit passed. The pool builds one per run from the
+    claimed `Job`; `emit(JobEvent)` hears of its progress and steps."""
 
-    def __init__(self, job, journal, on_progress=None):
-        self.job_id = job["id"]
-        self.attempt = job["attempts"]
-        self.task = job["task"]
-        self.owner = job["owner"]
-        self._token = job["lease_token"]
+    def __init__(self, job, journal, emit=None):
+        self.job_id = job.id
+        self.attempt = job.attempts
+        self.task = job.task
+        self.owner = job.owner
+        self._token = job.lease_token
         self._journal = journal
         self._cancel = threading.Event()
         self._cancel_reason = "cancel requested"
         self._step_seq = 0
-        self._on_progress = on_progress
+        self._emit = emit
         self.started = time.monotonic()
-        if job.get("cancel_requested"):
+        if job.cancel_requested:
             self._cancel.set()
 
     @property
     def journal(self):
-        """The journal this job is recorded in (for tasks that keep their own rows there)."""
+        """The journal this job is recorded in: a task keeps its own rows beside the jobs
+        with `ctx.journal.transaction()` (see demo.create_project)."""
         return self._journal
 
     @property
@@ -121,8 +129,8 @@ class JobContext:
         """Record progress (`done` of `total`, with a message); written with the next commit."""
         note = {"done": done, "total": total, "message": None if message is None else str(message)}
         self._journal.set_progress(self.job_id, self._token, note)
-        if self._on_progress is not None:
-            self._on_progress(self.job_id, note)
+        if self._emit is not None:
+            self._emit(JobEvent.progressed(self.job_id, note))
 
     def step(self, name, fn, *args, **kwargs):
         """Run `fn(*args, **kwargs)` once for this job, checkpointed under `name`.
@@ -144,6 +152,7 @@ class JobContext:
         # not awaited: the end record below writes the whole row if this one was lost, and
         # it is awaited (a step that returned is committed; otherwise step() raises)
         self._journal.start_step(self.job_id, self._token, name, seq)
+        self._step_event(name, "running")
         try:
             result = fn(*args, **kwargs)
             dumps(result, MAX_DOCUMENT)  # refuse a result we could not replay, before recording success
@@ -151,7 +160,13 @@ class JobContext:
             self._journal.end_step(self.job_id, self._token, name, "failed",
                                    error={"type": type(exc).__name__, "message": str(exc)[:2000]},
                                    seq=seq, elapsed_ms=(time.monotonic() - started) * 1000)
+            self._step_event(name, "failed")
             raise
         self._journal.end_step(self.job_id, self._token, name, "succeeded", result=result,
                                seq=seq, elapsed_ms=(time.monotonic() - started) * 1000)
+        self._step_event(name, "succeeded")
         return result
+
+    def _step_event(self, name, state):
+        if self._emit is not None:
+            self._emit(JobEvent.step_changed(self.job_id, name, state))

@@ -234,7 +234,7 @@ def test_the_overview_and_filtered_lists_read_index_ranges_not_the_table(sqlite_
     sql = Sql(SqliteDialect)
     statements = [getattr(sql, name) for name in OVERVIEW]
     # a list or a bulk page filtered by task, with or without owner, state and cursor
-    statements += [text for key, text in {**sql.list, **sql.bulk_page}.items() if key[2]]
+    statements += [text for key, text in {**sql.list_sizes, **sql.bulk_page}.items() if key[2]]
     for statement in statements:
         plan = " ".join(row[3] for row in conn.execute(
             "EXPLAIN QUERY PLAN " + statement, [1] * statement.count("?")))

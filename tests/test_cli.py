@@ -9,7 +9,7 @@ import requests
 from conftest import wait_for
 from liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
-from jobserver import JobServer, cli
+from jobserver import JobServer, cli, demo
 from jobserver.client import TERMINAL, Client, ProblemError
 from jobserver.journal import open_journal
 
@@ -40,7 +40,7 @@ def test_serve_on_each_backend_stores_project_literally(db_url, tmp_path):
         assert srv.stop() == 0
     journal = open_journal(db_url)
     try:
-        rows = journal.projects_for(project["id"])
+        rows = demo.projects_for(journal, project["id"])
     finally:
         journal.close()
     assert [(r["projname"], r["prodesc"]) for r in rows] == [(INJECTION, None)]
@@ -227,7 +227,7 @@ def test_two_serve_processes_share_one_sqlite_file(tmp_path):
         assert all(j["attempts"] == 1 for j in jobs)
     journal = open_journal(db)
     try:
-        names = [row["projname"] for job_id in ids for row in journal.projects_for(job_id)]
+        names = [row["projname"] for job_id in ids for row in demo.projects_for(journal, job_id)]
     finally:
         journal.close()
     assert sorted(names) == sorted(f"p{i}" for i in range(20))

@@ -68,11 +68,11 @@ def test_fail_always_and_fail_then_succeed(server):
 def test_create_project_stores_injection_literally(server):
     job = run(server, "demo.create_project", {"projname": INJECTION, "prodesc": "it's \"quoted\""})
     assert job["state"] == "succeeded", job["error"]
-    rows = server.journal.projects_for(job["id"])
+    rows = demo.projects_for(server.journal, job["id"])
     assert [(r["projname"], r["prodesc"]) for r in rows] == [(INJECTION, "it's \"quoted\"")]
     # the table is still there and takes more rows
     job2 = run(server, "demo.create_project", {"projname": "second"})
-    assert [r["projname"] for r in server.journal.projects_for(job2["id"])] == ["second"]
+    assert [r["projname"] for r in demo.projects_for(server.journal, job2["id"])] == ["second"]
 
 
 def test_create_project_rerun_does_not_insert_twice(db_url):
@@ -91,7 +91,7 @@ def test_create_project_rerun_does_not_insert_twice(db_url):
     with JobServer(db_url, tasks=registry, workers=1, poll_interval=0.05) as srv:
         job = run(srv, "test.project_then_flaky", {"projname": "once"})
         assert job["state"] == "succeeded" and job["attempts"] == 2, job
-        assert [r["projname"] for r in srv.journal.projects_for(job["id"])] == ["once"]
+        assert [r["projname"] for r in demo.projects_for(srv.journal, job["id"])] == ["once"]
 
 
 def test_create_project_validates(server):

@@ -316,7 +316,7 @@ def test_a_refused_statement_fails_only_its_own_write_in_a_shared_batch(small_pa
                 refused.append(exc)
 
         for i in range(1500):  # a backlog, so that what follows shares one transaction
-            j.set_progress(job["id"], claimed["lease_token"], {"done": i})
+            j.set_progress(job.id, claimed.lease_token, {"done": i})
         threads = [threading.Thread(target=good, args=(n,)) for n in range(8)]
         threads.insert(4, threading.Thread(target=bad))
         for t in threads:
@@ -466,7 +466,7 @@ def test_a_claim_whose_commit_reply_was_lost_is_given_back_without_a_crash(mysql
             row = server.journal.get_job(job_id)
         assert proxy.cuts == 1, "the claim's COMMIT reply was not cut"
         assert (job["state"], job["result"], runs) == ("succeeded", "ran", [1])
-        assert (row["attempts"], row["crashes"]) == (1, 0), "the lost claim was counted as a crash"
+        assert (row.attempts, row.crashes) == (1, 0), "the lost claim was counted as a crash"
         assert took < FAST["lease_seconds"], "the job waited for its lease to run out"
     finally:
         proxy.close()
@@ -480,14 +480,14 @@ def test_jobs_held_under_this_node_that_it_does_not_run_are_given_back(db_url):
         [(held, _)] = j.insert_jobs([_job()])
         [(ours, _)] = j.insert_jobs([_job()])
         [(other, _)] = j.insert_jobs([_job()])
-        claimed = {job["id"]: job for job in j.claim("node-a", 2, 60_000)}
+        claimed = {job.id: job for job in j.claim("node-a", 2, 60_000)}
         j.claim("node-b", 1, 60_000)
-        known = {(ours["id"], claimed[ours["id"]]["lease_token"])}
-        assert j.give_back_unknown("node-a", known) == [held["id"]]
-        assert [(r["state"], r["attempts"], r["crashes"]) for r in map(j.get_job, (held["id"],))] == [
+        known = {(ours.id, claimed[ours.id].lease_token)}
+        assert j.give_back_unknown("node-a", known) == [held.id]
+        assert [(r.state, r.attempts, r.crashes) for r in map(j.get_job, (held.id,))] == [
             ("queued", 0, 0)]
-        assert j.get_job(ours["id"])["state"] == "running"  # what we run is left alone
-        assert j.get_job(other["id"])["lease_owner"] == "node-b"  # and other nodes' jobs
+        assert j.get_job(ours.id).state == "running"  # what we run is left alone
+        assert j.get_job(other.id).lease_owner == "node-b"  # and other nodes' jobs
     finally:
         j.close()
 

@@ -19,7 +19,7 @@ from jobserver import InvalidJob, JobServer, Registry
 from jobserver.codec import dumps
 from jobserver.errors import JournalUnavailable, WriteRefused
 from jobserver.ids import new_id
-from jobserver.journal import State, decode_job, open_journal
+from jobserver.journal import State, open_journal
 from jobserver.tasks import JobContext
 
 FAST = dict(poll_interval=0.05, shutdown_grace=1)
@@ -137,7 +137,7 @@ def journal(db_url):
 
 
 def running_job(journal, **fields):
-    """Insert a job and claim it: its decoded row (with its lease token)."""
+    """Insert a job and claim it: the claimed Job (with its lease token)."""
     journal.insert_jobs([make_job(**fields)])
     [job] = journal.claim("node-a", 1, 60_000)
     return job
@@ -152,28 +152,28 @@ def test_keys_differing_only_by_trailing_spaces_are_two_keys(journal):
     assert [created for _row, created in pairs] == [True, True]
     for key, (row, _created) in zip(("k", "k "), pairs):
         [(again, created)] = journal.insert_jobs([make_job(key=key)])
-        assert (again["id"], created) == (row["id"], False)
+        assert (again.id, created) == (row.id, False)
     assert journal.count_queued() == 2
 
 
 def test_owners_and_step_names_differing_by_trailing_spaces_stay_apart(journal):
     """Under PAD SPACE an owner 'alice ' listed alice's jobs, and step 'a ' replayed step 'a'."""
     [(mine, _)] = journal.insert_jobs([make_job(owner="alice")])
-    rows, _steps = journal.list_jobs(owner="alice ", with_steps=False)
+    rows, _steps, _next = journal.list_jobs(owner="alice ", with_steps=False)
     assert rows == []
     [job] = journal.claim("node-a", 1, 60_000)
-    assert job["id"] == mine["id"]
+    assert job.id == mine.id
     ctx = JobContext(job, journal)
     assert ctx.step("a", lambda: "first") == "first"
     assert ctx.step("a ", lambda: "second") == "second"
-    assert {s["name"]: s["state"] for s in journal.get_steps(job["id"])} == {"a": "succeeded",
+    assert {s["name"]: s["state"] for s in journal.get_steps(job.id)} == {"a": "succeeded",
                                                                              "a ": "succeeded"}
 
 
 def test_migration_2_makes_an_existing_mysql_journal_compare_exactly(mysql_url):
     """A journal created before version 2 (PAD SPACE tables) is converted when opened."""
     open_journal(mysql_url).close()
-    for table in ("jobs", "steps", "callbacks", "tokens", "settings", "projects"):
+    for table in ("jobs", "steps", "callbacks", "tokens", "settings"):
         raw_sql(mysql_url, f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     raw_sql(mysql_url, "DELETE FROM schema_version WHERE version > 1")
     journal = open_journal(mysql_url)
@@ -226,9 +226,9 @@ def test_a_refused_insert_fails_alone_and_its_neighbours_commit_at_once(journal)
     [(taken, _)] = journal.insert_jobs([make_job()])
     good = make_job(owner="bob")
     with one_transaction(journal, expect=3):
-        calls = [Call(lambda: journal.insert_jobs([make_job(id=taken["id"])])),
+        calls = [Call(lambda: journal.insert_jobs([make_job(id=taken.id)])),
                  Call(lambda: journal.insert_jobs([good])),
-                 Call(lambda: journal.renew([(job["id"], job["lease_token"])], 60_000, "node-a"))]
+                 Call(lambda: journal.renew([(job.id, job.lease_token)], 60_000, "node-a"))]
         for call in calls:
             call.start()
             time.sleep(0.05)  # keep their order in the queue
@@ -248,10 +248,10 @@ def test_an_exception_outside_the_database_fails_only_its_own_op(journal):
         bad = Call(lambda: journal.insert_jobs([make_job(key="k\ud800")]))
         bad.start()
         time.sleep(0.05)
-        finish = Call(lambda: journal.finish(job["id"], job["lease_token"], State.SUCCEEDED, result=7))
+        finish = Call(lambda: journal.finish(job.id, job.lease_token, State.SUCCEEDED, result=7))
         finish.start()
     assert finish.result().error is None
-    assert decode_job(journal.get_job(job["id"]))["result"] == 7
+    assert journal.get_job(job.id).result == 7
     assert isinstance(bad.result().error, WriteRefused)
 
 
@@ -317,7 +317,7 @@ def test_a_step_that_returned_is_recorded_though_its_start_record_was_refused(db
         job = running_job(journal)
         calls = []
         assert JobContext(job, journal).step("s", lambda: calls.append(1) or {"n": 1}) == {"n": 1}
-        step = journal.get_step(job["id"], "s")
+        step = journal.get_step(job.id, "s")
         assert step is not None and step["state"] == "succeeded"
         assert JobContext(job, journal).step("s", lambda: calls.append(2)) == {"n": 1}
         assert calls == [1]
@@ -332,12 +332,12 @@ def test_a_step_start_lost_to_the_network_is_recorded_by_its_end(mysql_url):
         try:
             job = running_job(journal)
             proxy.cut()
-            journal.start_step(job["id"], job["lease_token"], "s", 1)
+            journal.start_step(job.id, job.lease_token, "s", 1)
             with pytest.raises(JournalUnavailable):
                 barrier(journal)  # the start record's transaction has failed by now
             proxy.resume()
-            journal.end_step(job["id"], job["lease_token"], "s", "succeeded", result=[1, 2])
-            step = journal.get_step(job["id"], "s")
+            journal.end_step(job.id, job.lease_token, "s", "succeeded", result=[1, 2])
+            step = journal.get_step(job.id, "s")
             assert step["state"] == "succeeded" and step["result"] == "[1,2]"
             assert step["started_at"] <= step["finished_at"]
         finally:
@@ -410,11 +410,11 @@ def test_progress_moves_again_after_its_transaction_failed(journal):
         bad = Call(lambda: journal.insert_jobs([make_job(key="\ud800")]))
         bad.start()
         wait_for(lambda: journal._writer._queue.qsize() >= 1, message="the broken op")
-        journal.set_progress(job["id"], job["lease_token"], {"done": 1})
+        journal.set_progress(job.id, job.lease_token, {"done": 1})
     bad.result()
-    journal.set_progress(job["id"], job["lease_token"], {"done": 2})
+    journal.set_progress(job.id, job.lease_token, {"done": 2})
     barrier(journal)
-    assert decode_job(journal.get_job(job["id"]))["progress"] == {"done": 2}
+    assert journal.get_job(job.id).progress == {"done": 2}
 
 
 def test_progress_moves_again_after_the_network_to_mariadb_was_cut(mysql_url):
@@ -423,12 +423,12 @@ def test_progress_moves_again_after_the_network_to_mariadb_was_cut(mysql_url):
         try:
             job = running_job(journal)
             proxy.cut()
-            journal.set_progress(job["id"], job["lease_token"], {"done": 1})
+            journal.set_progress(job.id, job.lease_token, {"done": 1})
             with pytest.raises(JournalUnavailable):
                 barrier(journal)
             proxy.resume()
-            journal.set_progress(job["id"], job["lease_token"], {"done": 2})
+            journal.set_progress(job.id, job.lease_token, {"done": 2})
             barrier(journal)
-            assert decode_job(journal.get_job(job["id"]))["progress"] == {"done": 2}
+            assert journal.get_job(job.id).progress == {"done": 2}
         finally:
             journal.close()
