@@ -330,9 +330,10 @@ class Journal:
                     if not isinstance(statement, dict):
                         cur.execute(self.dialect.ddl(statement))
                     elif self.dialect.name in statement:
-                        if not names:
+                        text = statement[self.dialect.name]
+                        if "{exact}" in text and not names:
                             names["exact"] = self._exact_collation(cur)
-                        cur.execute(statement[self.dialect.name].format(**names))
+                        cur.execute(text.format(**names))
                 cur.execute(self.sql.set_version, (version,))
         self.driver.migrate(migrate)
 

@@ -120,7 +120,12 @@ MIGRATIONS = {
     # few jobs (a task never changes, so only a submit pays for this index). A (state, id)
     # index would do the same for a state filter, but claims and finishes would pay for it.
     3: [
-        "CREATE INDEX jobs_finished ON jobs (finished_at, state, owner)",
+        # SQLite: only finished jobs are in it (a partial index), so a claim, which changes the
+        # state of an unfinished job, does not rewrite an entry of it: with every job in it the
+        # index cost a tenth of the no-op throughput. MySQL has no partial indexes.
+        {"sqlite": "CREATE INDEX jobs_finished ON jobs (finished_at, state, owner) "
+                   "WHERE finished_at IS NOT NULL",
+         "mysql": "CREATE INDEX jobs_finished ON jobs (finished_at, state, owner)"},
         "CREATE INDEX jobs_task ON jobs (task, id)",
     ],
 }
@@ -312,9 +317,12 @@ class Sql:
         # B-tree, several times slower over a day of jobs than these sums
         sums = ", ".join(f"SUM(CASE WHEN state = '{state}' THEN 1 ELSE 0 END)"
                          for state in ENDED)
+        unfinished = ", ".join(f"'{state.value}'" for state in State if state not in TERMINAL)
         for suffix, mine in (("", ""), ("_owner", " AND +owner = ?")):
+            # unfinished jobs: a range of the claim index's state prefix (jobs_finished holds
+            # only finished ones on SQLite)
             setattr(self, "stats_unfinished" + suffix, q(
-                f"SELECT state, COUNT(*) FROM {jobs} WHERE finished_at IS NULL{mine} GROUP BY state"))
+                f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({unfinished}){mine} GROUP BY state"))
             setattr(self, "stats_finished" + suffix, q(
                 f"SELECT {sums} FROM {jobs} WHERE finished_at >= ?{mine}"))
             setattr(self, "stats_minutes" + suffix, q(
