@@ -383,6 +383,12 @@ def test_the_event_streams_gauge_follows_the_hook(sqlite_url):
             assert scrape(live).value("jobserver_event_streams_open") == 2
         metrics.stream_closed()
         assert scrape(live).value("jobserver_event_streams_open") == 0
+        slots = [3]
+        metrics.add_open_streams(lambda: slots[0])  # read at the scrape: an Api's slots in use
+        assert scrape(live).value("jobserver_event_streams_open") == 3
+        slots[0] = 1
+        with metrics.streaming():
+            assert scrape(live).value("jobserver_event_streams_open") == 2
 
 
 # --- formats ----------------------------------------------------------------------------
