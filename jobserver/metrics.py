@@ -137,6 +137,8 @@ class Metrics:
             also = ((RETRIED, task) if action is _RETRY_LATER
                     else None if recovered is None else (RECOVERED, recovered))
             histogram, seconds = RUN, event.run_seconds
+        if seconds is not None:  # the first bucket whose bound is >= seconds (le); past all: +Inf
+            bucket, total = (histogram, task, bisect.bisect_left(RUN_BUCKETS, seconds)), (histogram, task)
         counts, lock = self._counts, self._lock
         lock.acquire()  # not `with`: half the cost, and nothing below raises
         try:
@@ -145,7 +147,9 @@ class Metrics:
             if also is not None:
                 counts[also] = counts.get(also, 0) + 1
             if seconds is not None:
-                self._observe_locked(histogram, task, seconds)
+                counts[bucket] = counts.get(bucket, 0) + 1
+                sums = self._sums
+                sums[total] = sums.get(total, 0.0) + seconds
         finally:
             lock.release()
 
@@ -167,7 +171,7 @@ class Metrics:
         """The journal's commit observer: one observation per group-commit batch."""
         key = (COMMIT, None, bisect.bisect_left(COMMIT_BUCKETS, seconds))
         counts, sums = self._counts, self._sums
-        with self._lock:  # as _observe_locked does, without its call: once per commit
+        with self._lock:
             counts[key] = counts.get(key, 0) + 1
             sums[_COMMIT_SUM] = sums.get(_COMMIT_SUM, 0.0) + seconds
             counts[_COMMIT_OPS] = counts.get(_COMMIT_OPS, 0) + operations
@@ -200,14 +204,6 @@ class Metrics:
             counts[key] = counts.get(key, 0) + amount
         finally:
             lock.release()
-
-    def _observe_locked(self, what, label, value):
-        # the first bucket whose bound is >= value (le: value <= bound); len(bounds): +Inf
-        key = (what, label, bisect.bisect_left(_BOUNDS[what], value))
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
-        total = (what, label)
-        self._sums[total] = self._sums.get(total, 0.0) + value
 
     # --- scraping ---------------------------------------------------------------------
     def snapshot(self) -> tuple[dict, dict]:
