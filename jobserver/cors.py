@@ -93,8 +93,10 @@ class CorsPolicy:
         return origin is not None and origin in self.origins
 
     @staticmethod
-    def is_preflight(method: str, origin: str | None, requested_method: str | None) -> bool:
-        return method == "OPTIONS" and origin is not None and requested_method is not None
+    def is_preflight(origin: str | None, requested_method: str | None) -> bool:
+        """True for an OPTIONS request that is a preflight: it names its Origin and the
+        method it asks for (another OPTIONS request is an ordinary one)."""
+        return origin is not None and requested_method is not None
 
     def preflight_headers(self, origin: str | None) -> dict:
         """What a preflight from `origin` is answered with besides the actual-answer headers:

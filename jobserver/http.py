@@ -292,7 +292,7 @@ class Api:
         that is not allowed gets the answer without allow headers: its browser stops there."""
         environ = request.environ
         origin = environ.get("HTTP_ORIGIN")
-        if not self.cors.is_preflight("OPTIONS", origin, environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")):
+        if not self.cors.is_preflight(origin, environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")):
             return None
         response = current_app.response_class(status=204)
         del response.headers["Content-Type"]
