@@ -68,7 +68,16 @@ def _dead_local_owner(owner, scope):
 
 
 def error_info(exc, with_traceback=True):
-    """The job's `error` object for an exception."""
+    """The job's `error` object for an exception.
+
+    A journal outage met inside the task (ctx.step, ctx.progress) says only that: its text
+    names the database's address and the driver's words, and a job's error goes to its owner
+    and to its callback receiver. The log has the rest. (A WriteRefused says what of the job's
+    own data the journal would not store, in the journal's words: kept.)"""
+    if isinstance(exc, JournalUnavailable) and not isinstance(exc, WriteRefused):
+        log.warning("a job met a journal error: %s", exc)
+        return {"type": type(exc).__name__,
+                "message": "the journal was unavailable while the job ran; the server log has the cause"}
     info = {"type": type(exc).__name__, "message": str(exc)[:MAX_MESSAGE]}
     if with_traceback:
         info["traceback"] = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]

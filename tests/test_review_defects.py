@@ -73,3 +73,16 @@ def test_a_write_refused_for_good_is_422_not_503(tmp_path, monkeypatch):
         assert "secret driver text" not in answer.get_data(as_text=True)
     finally:
         server.stop()
+
+
+def test_a_journal_outage_inside_a_task_keeps_the_database_address_out_of_the_job():
+    """The job's error goes to its owner and its callback receiver: before, the message and
+    traceback held "cannot connect to MySQL at <host>: (2003, ...)"."""
+    from jobserver.errors import JournalUnavailable
+    from jobserver.pool import error_info
+    try:
+        raise JournalUnavailable("cannot connect to MySQL at db.internal.example: (2003, secret)")
+    except JournalUnavailable as exc:
+        info = error_info(exc)
+    assert info["type"] == "JournalUnavailable"
+    assert "db.internal" not in repr(info) and "2003" not in repr(info)
