@@ -52,6 +52,7 @@ from .errors import (
     QueueFull,
     ServerClosed,
     UnknownTask,
+    WriteRefused,
 )
 from .ids import new_request_id
 from .metrics import UNMATCHED
@@ -88,6 +89,9 @@ _PROBLEMS = (
     (InvalidTransition, 409, "invalid-transition", "Not allowed in this state", None),
     (QueueFull, 429, "queue-full", "Queue full", None),
     (JournalRefusesWrites, 503, "unavailable", "Journal refuses writes", None),
+    # refused for good (too large once escaped, malformed): a retry cannot help, so not a 503
+    (WriteRefused, 422, "write-refused", "The journal cannot store this",
+     "the journal refused to store this request; it would refuse it again"),
     (JournalUnavailable, 503, "unavailable", "Journal unavailable",
      "the journal is unavailable; try again later"),
     (ServerClosed, 503, "unavailable", "Server shutting down", None),

@@ -555,8 +555,22 @@ class Journal:
             if not rows:
                 return []
             cur.execute(self.sql.claim_update(len(rows)), (node, lease_ms, *[r[_ID] for r in rows]))
-            return [_claimed(row, node) for row in rows]
+            jobs = []
+            for row in rows:
+                try:
+                    jobs.append(_claimed(row, node))
+                except (ValueError, KeyError, TypeError) as exc:
+                    # a row this code cannot read (a document that is not JSON, a state it does
+                    # not know) fails alone: failing the claim would stop every claim behind it
+                    self._fail_unreadable(cur, row, exc)
+            return jobs
         return self._write(op)
+
+    def _fail_unreadable(self, cur, row, exc):
+        """End a just-claimed job whose row cannot be decoded as failed (CorruptJob)."""
+        log.error("job %s cannot be read (%s: %s); failing it", row[_ID], type(exc).__name__, exc)
+        error = dumps({"type": "CorruptJob", "message": "the journal's row of this job cannot be read"})
+        cur.execute(self.sql.finish, (State.FAILED.value, None, error, row[_ID], row[_LEASE_TOKEN] + 1))
 
     def renew(self, leases, lease_ms, node):
         """Extend the leases [(id, token)] this node holds.

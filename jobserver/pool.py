@@ -68,7 +68,16 @@ def _dead_local_owner(owner, scope):
 
 
 def error_info(exc, with_traceback=True):
-    """The job's `error` object for an exception."""
+    """The job's `error` object for an exception.
+
+    A journal outage met inside the task (ctx.step, ctx.progress) says only that: its text
+    names the database's address and the driver's words, and a job's error goes to its owner
+    and to its callback receiver. The log has the rest. (A WriteRefused says what of the job's
+    own data the journal would not store, in the journal's words: kept.)"""
+    if isinstance(exc, JournalUnavailable) and not isinstance(exc, WriteRefused):
+        log.warning("a job met a journal error: %s", exc)
+        return {"type": type(exc).__name__,
+                "message": "the journal was unavailable while the job ran; the server log has the cause"}
     info = {"type": type(exc).__name__, "message": str(exc)[:MAX_MESSAGE]}
     if with_traceback:
         info["traceback"] = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
@@ -247,31 +256,37 @@ class Pool:
         failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
-            full_batch = False
-            try:
-                self._retry_outcomes()
-                full_batch = self._claim()  # nothing while draining
-                now = time.monotonic()
-                self._enforce_time_limits(now)
-                if now >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = now + heartbeat_every
-                if now >= next_sweep and not self._draining.is_set():
-                    self.recover()
-                    next_sweep = now + min(heartbeat_every * 1.5, SWEEP_EVERY)
-                failures = 0
-            except JournalUnavailable as exc:
-                failures += 1
-                log.warning("journal unavailable in dispatcher (%s); retrying", exc)
+            now = time.monotonic()
+            # each duty on its own: a claim that keeps failing must not stop the heartbeat
+            # (the leases of running jobs would lapse and others would run them again)
+            ok = True
+            if now >= next_heartbeat:
+                ok &= self._duty("heartbeat", self._heartbeat)[0]
+                next_heartbeat = now + heartbeat_every
+            ok &= self._duty("time limits", self._enforce_time_limits, now)[0]
+            ok &= self._duty("outcome retries", self._retry_outcomes)[0]
+            claimed, full_batch = self._duty("claim", self._claim)  # nothing while draining
+            ok &= claimed
+            if now >= next_sweep and not self._draining.is_set():
+                ok &= self._duty("recovery sweep", self.recover)[0]
+                next_sweep = now + min(heartbeat_every * 1.5, SWEEP_EVERY)
+            failures = 0 if ok else failures + 1
+            if failures:
                 self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
-                continue
-            except Exception:  # a bug must not end claims and heartbeats for good
-                failures += 1
-                log.exception("dispatcher step failed; retrying")
-                self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
-                continue
-            if not full_batch:
+            elif not full_batch:
                 self._wake.wait(self._wait_time(next_heartbeat))
+
+    @staticmethod
+    def _duty(name, fn, *args):
+        """Run one of the dispatcher's duties: (True, its result), or (False, None) once it
+        failed (logged): a bug or an outage in one must not end the others for good."""
+        try:
+            return True, fn(*args)
+        except JournalUnavailable as exc:
+            log.warning("journal unavailable in the dispatcher's %s (%s); retrying", name, exc)
+        except Exception:
+            log.exception("the dispatcher's %s failed; retrying", name)
+        return False, None
 
     def _wait_time(self, next_heartbeat):
         wait = min(self.poll_interval, max(0.0, next_heartbeat - time.monotonic()))
@@ -344,8 +359,10 @@ class Pool:
 
     def _heartbeat(self):
         with self._lock:
-            runs = list(self._running.values()) + list(self._finishing.values())
-        leases = {r.key for r in runs if not r.abandoned}
+            # a run whose outcome write waits (a time limit's failure being retried, too) keeps
+            # its lease, abandoned or not: else the job would be recovered and run again
+            leases = {r.key for r in self._running.values() if not r.abandoned}
+            leases.update(r.key for r in self._finishing.values())
         if not leases:
             return
         lost, cancel = self.journal.renew(sorted(leases), self.lease_ms, self.node_id)

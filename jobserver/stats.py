@@ -11,7 +11,9 @@ from .ids import format_ms
 from .model import DEFAULT_QUEUE, State
 from .model import TERMINAL as _ENDED
 
-UNFINISHED = ("queued", "running", "waiting")
+# the model's unfinished states, and `waiting` (a parent of child jobs, API.md's States) ahead
+# of the model: the overview's shape stays the same when that state arrives, counted 0 until then
+UNFINISHED = tuple(dict.fromkeys([*(s.value for s in State if s not in _ENDED), "waiting"]))
 TERMINAL = tuple(state.value for state in State if state in _ENDED)
 MINUTES = 60
 
