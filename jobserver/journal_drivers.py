@@ -44,6 +44,7 @@ class SqliteDialect:
     # a statement
     clock_is_local = True
     lock_rows = ""  # BEGIN IMMEDIATE already holds the database's one write lock
+    lock_row = ""
     insert_ignore = "INSERT OR IGNORE"
 
     @staticmethod
@@ -60,6 +61,7 @@ class MysqlDialect:
     now_ms = "CAST(UNIX_TIMESTAMP(CURRENT_TIMESTAMP(3)) * 1000 AS SIGNED)"
     clock_is_local = False  # every box sharing the database goes by the server's clock
     lock_rows = " FOR UPDATE SKIP LOCKED"
+    lock_row = " FOR UPDATE"  # wait for the row: a read that must not skip it
     insert_ignore = "INSERT IGNORE"
 
     @staticmethod

@@ -19,7 +19,7 @@ from jobserver import InvalidJob, JobServer, Registry
 from jobserver.codec import dumps
 from jobserver.errors import JournalUnavailable, WriteRefused
 from jobserver.ids import new_id
-from jobserver.journal import State, open_journal
+from jobserver.journal import SCHEMA_VERSION, State, open_journal
 from jobserver.tasks import JobContext
 
 FAST = dict(poll_interval=0.05, shutdown_grace=1)
@@ -175,10 +175,11 @@ def test_migration_2_makes_an_existing_mysql_journal_compare_exactly(mysql_url):
     open_journal(mysql_url).close()
     for table in ("jobs", "steps", "callbacks", "tokens", "settings"):
         raw_sql(mysql_url, f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    raw_sql(mysql_url, "DROP TABLE events")  # made by a later version: a version 1 journal has none
     raw_sql(mysql_url, "DELETE FROM schema_version WHERE version > 1")
     journal = open_journal(mysql_url)
     try:
-        assert journal.schema_version() == 2
+        assert journal.schema_version() == SCHEMA_VERSION
         pairs = journal.insert_jobs([make_job(key="k"), make_job(key="k ")])
         assert [created for _row, created in pairs] == [True, True]
     finally:
