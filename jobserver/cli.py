@@ -88,6 +88,9 @@ HTTP_FLAGS = (
     Flag("header-timeout", float, "seconds a client has to send a request's line and headers"),
     Flag("body-timeout", float, "seconds a client has to send a whole request, body included"),
     Flag("insecure-open", _boolean, "allow a non-loopback host with no tokens (open mode)", switch=True),
+    Flag("stream-slots", int, "event streams open at once (served by as many more waitress threads)"),
+    Flag("stream-lifetime", float, "seconds an event stream stays open before the client resumes"),
+    Flag("stream-ping", float, "seconds of silence before an event stream sends a ping"),
 )
 
 
@@ -189,8 +192,9 @@ def serve(config):
     try:
         # waitress buffers a whole body before the app sees it: bound that too, well above
         # max_body so that ordinary oversize bodies still get the app's problem+json 413
+        # streams hold a thread each for minutes: they get threads of their own
         http = create_http_server(create_app(server), host=config.host, port=config.port,
-                                  threads=config.threads, ident="jobserver",
+                                  threads=config.threads + config.stream_slots, ident="jobserver",
                                   max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024),
                                   max_connections=config.max_connections,
                                   idle_timeout=config.idle_timeout,

@@ -32,6 +32,7 @@ past the high watermark) as soon as that thread is out of write_soon.
 """
 import logging
 import math
+import socket
 import time
 
 from waitress.channel import HTTPChannel
@@ -81,6 +82,19 @@ class QuietChannel(HTTPChannel):
             return super().write_soon(data)
         finally:
             self._sending = False
+
+    def check_client_disconnected(self):
+        """True once the client has gone: waitress's own answer, or the end of the socket
+        seen without reading it (waitress reads nothing while a request is served, so a
+        long response, an event stream, would notice a close only when a write failed)."""
+        if not self.connected:
+            return True
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # open, nothing sent: the usual case
+        except OSError:
+            return True
 
     def writable(self):
         if (self._sending and not (self.will_close or self.close_when_flushed)
