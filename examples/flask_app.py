@@ -1,18 +1,23 @@
 """An existing Flask app that hands its slow work to an in-process jobserver.
 
-    python examples/flask_app.py          # PORT (5000) and JOBS_DB (sqlite:///example.db)
+    .venv/bin/python examples/flask_app.py    # PORT (5000) and JOBS_DB (sqlite:///example.db)
     curl -d '{"projname": "demo"}' http://127.0.0.1:5000/projects
 
 POST /projects answers at once with the app's own envelope and a status URL; the job
-runs in this process; jobserver POSTs the outcome, signed, to /hooks/jobserver."""
+runs in this process; GET /projects/<id> reads its state from the journal, so it is
+right after a restart too; jobserver POSTs the outcome, signed, to /hooks/jobserver."""
+import logging
 import os
 import signal
 
 from flask import Flask, jsonify, request, url_for
 from waitress import serve
 
-from jobserver import JobServer, JobserverError, callbacks
+from jobserver import JobNotFound, JobServer, JobserverError, callbacks
 from jobserver.http import init_app
+
+log = logging.getLogger("flask_app")
+PENDING = ("queued", "running")
 
 
 def create_app(server, public_url):
@@ -20,7 +25,6 @@ def create_app(server, public_url):
     app = Flask(__name__)
     init_app(app, server, url_prefix="/jobserver")
     secret = callbacks.signing_secret(server.journal, server.config)
-    outcomes = app.extensions["project_outcomes"] = {}  # a real app: a column in its own table
 
     @app.post("/projects")
     def create_project():
@@ -38,21 +42,30 @@ def create_app(server, public_url):
 
     @app.get("/projects/<job_id>")
     def project_status(job_id):
-        outcome = outcomes.get(job_id)
-        if outcome is None:
-            return jsonify(status=2, msg="pending", data={"job_id": job_id})
-        return jsonify(status=0 if outcome["state"] == "succeeded" else 1, msg=outcome["state"],
-                       data=outcome)
+        """The project's job as the journal has it: no copy of job state lives in the app."""
+        try:
+            job = server.get(job_id)
+        except JobNotFound:
+            return jsonify(status=1, msg="no such project", data={"job_id": job_id}), 404
+        except JobserverError as exc:
+            return jsonify(status=1, msg=str(exc), data=None), 503
+        if job["state"] in PENDING:
+            return jsonify(status=2, msg="pending", data={"job_id": job_id, "state": job["state"]})
+        return jsonify(status=0 if job["state"] == "succeeded" else 1, msg=job["state"],
+                       data={"job_id": job_id, "state": job["state"], "result": job["result"],
+                             "error": job["error"]})
 
     @app.post("/hooks/jobserver")
     def jobserver_hook():
+        """Where jobserver says a job ended: the moment to notify a user or mark a row of
+        the app's own (here: a log line). The state stays the journal's to tell."""
         try:  # Standard Webhooks: the `standardwebhooks` package verifies these too
             callbacks.verify(secret, request.headers, request.get_data())
         except callbacks.InvalidSignature:
             return jsonify(status=1, msg="bad signature", data=None), 401
         job = request.get_json(force=True)
-        outcomes[job["id"]] = {"job_id": job["id"], "state": job["state"],
-                               "result": job["result"], "error": job["error"]}
+        log.info("verified callback for job %s: %s (webhook-id %s)", job["id"], job["state"],
+                 request.headers.get("webhook-id"))
         return "", 204  # any 2xx: delivered (a repeat with the same webhook-id is harmless here)
 
     return app
@@ -63,6 +76,7 @@ def _interrupt(_signum, _frame):
 
 
 def main():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
     port = int(os.environ.get("PORT", "5000"))
     public_url = f"http://127.0.0.1:{port}"

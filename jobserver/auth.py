@@ -54,7 +54,7 @@ def hash_token(token):
 def create_token(journal, name, admin=False):
     """Store a new token for `name` and return it; only its hash is kept.
 
-    Raises ValueError for a bad name and InvalidTransition if `name` has a token already."""
+    Raises ValueError for a bad name and TokenExists if `name` has a token already."""
     if not isinstance(name, str) or len(name) > MAX_NAME or not _NAME.match(name):
         raise ValueError("a token name is 1-190 letters, digits and . _ @ + -, "
                          "starting with a letter or digit")

@@ -13,15 +13,15 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from urllib.parse import urlparse, urlunparse
 
 from .auth import create_token, is_loopback_host
 from .client import TERMINAL, Client, ClientError, ProblemError, RemoteJobError
 from .config import Config
-from .errors import JobserverError
+from .errors import JobserverError, JournalUnavailable
 from .http import create_app
 from .httpserver import create_http_server, raise_open_file_limit
-from .journal import open_journal
+from .journal import open_journal, root_cause
+from .redact import mask_url
 from .server import JobServer
 
 log = logging.getLogger("jobserver")
@@ -69,7 +69,8 @@ class Flag:
 POOL_FLAGS = (
     Flag("db", help="journal URL: sqlite:///path or mysql://user:pw@host:3306/name"),
     Flag("workers", int, "worker threads running jobs"),
-    Flag("tasks", help="modules to import for their @task functions", many=True),
+    Flag("tasks", help="modules to import for their @task functions (the current directory first)",
+         many=True),
     Flag("lease-seconds", float, "seconds a claimed job stays reserved without a heartbeat"),
     Flag("poll-interval", float, "seconds between looks for jobs other processes added"),
     Flag("shutdown-grace", float, "seconds running jobs get to finish at shutdown"),
@@ -126,18 +127,6 @@ def build_config(args, flags, environ):
     return Config().with_(**changes)
 
 
-def mask_url(url):
-    """The journal URL with its password replaced by ***, for logs."""
-    parsed = urlparse(url)
-    if not parsed.password:
-        return url
-    user = parsed.username or ""
-    host = parsed.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = f":{parsed.port}" if parsed.port else ""
-    return urlunparse(parsed._replace(netloc=f"{user}:***@{host}{port}"))
-
-
 class GracefulExit:
     """SIGTERM/SIGINT once: stop the job server in a thread (refuse work, let running jobs
     finish, give the rest back), then wake the main thread to close HTTP. Twice: exit now."""
@@ -173,11 +162,36 @@ class GracefulExit:
 
 
 def _make_server(config):
-    """JobServer for `config`, or SystemExit with a readable message."""
+    """JobServer for `config` whose journal takes writes, or SystemExit with a readable message."""
     try:
-        return JobServer(config=config)
+        server = JobServer(config=config)
     except (JobserverError, ValueError, ImportError) as exc:
         raise SystemExit(f"jobserver: error: {exc}") from None
+    try:
+        server.journal.writable()  # one tiny transaction: else every submit would be a 503
+    except JournalUnavailable as exc:
+        server.stop()
+        raise SystemExit(f"jobserver: error: {exc} ({root_cause(exc)}): the journal {mask_url(config.db)} "
+                         "must be writable by this user (for SQLite, its file and its directory)") from None
+    _warn_without_tasks(server, config)
+    return server
+
+
+def _warn_without_tasks(server, config):
+    """Say so when this process can run nothing: every submit would be a 422 unknown-task."""
+    if not config.tasks:
+        log.warning("no task modules given (--tasks MODULE ..., env JOBSERVER_TASKS): this server "
+                    "knows no tasks; to try it out, serve the demo ones: --tasks jobserver.demo")
+    elif not any(True for _spec in server.registry):
+        log.warning("the task modules %s registered no tasks (with @task)", " ".join(config.tasks))
+
+
+def _import_from_cwd():
+    """Let --tasks name a module in the current directory, as `flask --app` and `celery -A`
+    do: a console script's sys.path starts with its own bin directory, not the cwd."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def serve(config):
@@ -395,7 +409,12 @@ def run_client_command(args, environ):
     """Run a command that talks HTTP; errors go to stderr with a non-zero exit."""
     url = args.url or environ.get("JOBSERVER_URL") or DEFAULT_URL
     token = args.token or environ.get("JOBSERVER_TOKEN")
-    with Client(url, token=token, timeout=args.http_timeout) as client:
+    try:
+        client = Client(url, token=token, timeout=args.http_timeout)
+    except ValueError as exc:
+        print(f"jobserver: error: --url / JOBSERVER_URL: {exc}", file=sys.stderr)
+        return 1
+    with client:
         try:
             return args.run(client, args)
         except (ClientError, RemoteJobError, TimeoutError) as exc:
@@ -407,14 +426,28 @@ def run_client_command(args, environ):
 
 
 def cmd_token_create(args, environ):
+    """Print a new token on stdout (alone, for scripts) and say on stderr which journal has it."""
     config = build_config(args, POOL_FLAGS[:1], environ)
+
+    def create(journal):
+        return create_token(journal, args.name, admin=args.admin), _journal_place(journal, config)
     try:
-        token = with_journal(config, lambda journal: create_token(journal, args.name, admin=args.admin))
+        token, place = with_journal(config, create)
     except (JobserverError, ValueError) as exc:
         print(f"jobserver: error: {exc}", file=sys.stderr)
         return 1
+    kind = "an admin token" if args.admin else "a token"
+    print(f"jobserver: {kind} for {args.name} is in the journal {place}", file=sys.stderr)
     print(token)
     return 0
+
+
+def _journal_place(journal, config):
+    """The journal as a user should see it: its URL, masked, and a SQLite file's full path
+    (a relative sqlite:/// URL lands wherever the command ran)."""
+    path = getattr(journal.driver, "path", None)
+    url = mask_url(config.db)
+    return f"{url} ({os.path.abspath(path)})" if path else url
 
 
 def with_journal(config, fn):
@@ -507,6 +540,7 @@ def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
     if args.command in ("serve", "worker"):
+        _import_from_cwd()
         logging.basicConfig(level=environ.get("JOBSERVER_LOG_LEVEL", "INFO").upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # waitress warns on every request that waits for a thread: under load that is a

@@ -4,8 +4,8 @@
     job = client.submit("demo.sleep", seconds=2)
     job.get(timeout=30)      # the result, or raises RemoteJobError / TimeoutError
 
-It speaks only the HTTP API of API.md (requests + stdlib), so it knows nothing of the
-server's internals. Every request carries a timeout.
+It speaks only the HTTP API of docs/api.md (requests + stdlib), so it knows nothing of
+the server's internals. Every request carries a timeout.
 
     for event in job.events():   # GET /jobs/{id}/events, resumed after a dropped connection
         print(event.kind, event.data)
@@ -14,9 +14,11 @@ import json
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
+
+from .redact import mask_url
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 #: longest single ?wait= long-poll; get() loops until its own deadline
@@ -170,14 +172,27 @@ class JobHandle:
             yield event
 
 
+def base_url(url: str) -> str:
+    """`url` as the client's base: `127.0.0.1:8080` or `localhost:8080` mean http://...;
+    any other scheme than http or https is a ValueError that says what to write."""
+    text = url.strip().rstrip("/")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"a server URL looks like http://127.0.0.1:8080 (or https://...), not {url!r}")
+    return text
+
+
 class Client:
-    """Talks to a jobserver at `url` (e.g. http://127.0.0.1:8080, or .../jobserver when mounted).
+    """Talks to a jobserver at `url` (e.g. http://127.0.0.1:8080, or .../jobserver when mounted;
+    without a scheme, http:// is meant).
 
     `token` is sent as `Authorization: Bearer`; `timeout` bounds every request (a long-poll
     gets its wait on top)."""
 
     def __init__(self, url, token=None, timeout=10.0, session=None):
-        self.url = url.rstrip("/")
+        self.url = base_url(url)
         self.timeout = float(timeout)
         self.session = session or requests.Session()
         if token:
@@ -306,7 +321,7 @@ class Client:
                                             timeout=(self.timeout, self.timeout + extra_timeout),
                                             allow_redirects=False)
         except requests.RequestException as exc:
-            raise ConnectionFailed(f"{method} {self.url}{path}: {exc}") from exc
+            raise ConnectionFailed(f"{method} {mask_url(self.url)}{path}: {exc}") from exc
         if response.status_code >= 300:
             raise _problem(response)
         try:

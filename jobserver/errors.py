@@ -57,12 +57,29 @@ class JournalUnavailable(JobserverError):
     """The journal database cannot be reached or refused the operation; try again later."""
 
 
+class JournalRefusesWrites(JournalUnavailable):
+    """The journal answers but refuses writes: a read-only file, directory or database
+    server, or a full disk. The message is fixed (no path, no driver text); the cause is
+    chained for the log."""
+
+    def __init__(self):
+        super().__init__("the journal refuses writes")
+
+
 class ServerClosed(JobserverError):
     """The server is shutting down (or not started) and takes no new work."""
 
 
 class InvalidCallback(JobserverError, ValueError):
     """A callback URL is not allowed (scheme, credentials, or a non-public address)."""
+
+
+class TokenExists(JobserverError):
+    """A token with this name exists already (names are unique: they own jobs)."""
+
+    def __init__(self, name):
+        super().__init__(f"a token named {name} exists")
+        self.name = name
 
 
 class LeaseLost(JobserverError):

@@ -34,6 +34,7 @@ import re
 from flask import Blueprint, Flask, current_app, g, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
+from . import dashboard
 from .admission import Gate
 from .auth import Authenticator, Unauthorized
 from .errors import (
@@ -43,6 +44,7 @@ from .errors import (
     InvalidTransition,
     JobNotFound,
     JobserverError,
+    JournalRefusesWrites,
     JournalUnavailable,
     QueueFull,
     ServerClosed,
@@ -62,6 +64,8 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 TURNS = 1  # request threads running the API's Python at once (see admission.py)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# a list cursor is the id of a page's last job: a UUIDv7 as ids.new_id() writes it, nothing else
+_CURSOR = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _READ_CHUNK = 64 * 1024
 _REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
@@ -83,6 +87,7 @@ _PROBLEMS = (
     (IdempotencyConflict, 409, "idempotency-conflict", "Idempotency key already used", None),
     (InvalidTransition, 409, "invalid-transition", "Not allowed in this state", None),
     (QueueFull, 429, "queue-full", "Queue full", None),
+    (JournalRefusesWrites, 503, "unavailable", "Journal refuses writes", None),
     (JournalUnavailable, 503, "unavailable", "Journal unavailable",
      "the journal is unavailable; try again later"),
     (ServerClosed, 503, "unavailable", "Server shutting down", None),
@@ -92,7 +97,7 @@ _PROBLEMS = (
 
 def create_app(server, *, url_prefix=""):
     """A Flask app serving the API of `server` under `url_prefix` (no trailing slash)."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the dashboard serves its own files (dashboard.py)
     app.config["MAX_CONTENT_LENGTH"] = server.config.max_body
     _install_error_handlers(app)  # for paths outside the blueprint: 404, 405
     app.after_request(_end_request)  # every answer of the app, the blueprint's included
@@ -134,6 +139,7 @@ def api_blueprint(server, name="jobserver", *, request_ids=True):
     bp.add_url_rule("/tickets", "tickets", api.create_ticket, methods=["POST"])
     bp.add_url_rule("/jobs/<job_id>/events", "job_events", api.job_events, methods=["GET"])
     bp.add_url_rule("/events", "all_events", api.all_events, methods=["GET"])
+    _dashboard_routes(bp, api)
     return bp
 
 
@@ -316,7 +322,7 @@ class Api:
         """GET /jobs: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
         args = request.args
         cursor = args.get("cursor") or None
-        if cursor is not None and not _ID.match(cursor):
+        if cursor is not None and not _CURSOR.match(cursor):
             raise BadRequest("'cursor' is not a cursor this server gave out")
         task = args.get("task") or None
         if task is not None and len(task) > 200:
@@ -462,6 +468,51 @@ class Api:
             raise BadRequest(f"'wait' is a number of seconds from 0 to {limit:g}")
         return value
 
+    # --- the dashboard's routes: overview, delete, bulk ------------------------------
+    def stats(self):
+        """GET /stats: the caller's overview (docs/dashboard.md), and who the caller is."""
+        body = self.server.stats(owner=g.principal.scope)
+        body["viewer"] = {"name": g.principal.name, "admin": g.principal.admin}
+        body["features"] = {"events": self._has_event_streams()}
+        return json_response(body)
+
+    def delete_job(self, job_id):
+        """DELETE /jobs/<id>: 204 once a terminal job is forgotten; 409 if it has not ended."""
+        _check_id(job_id)
+        self.server.delete(job_id, owner=g.principal.scope)
+        response = current_app.response_class(status=204)
+        response.headers["X-Request-Id"] = request_id()
+        return response
+
+    def bulk(self):
+        """POST /jobs/bulk: cancel, retry or delete up to 1,000 of the caller's jobs that a
+        filter names; {"matched", "changed", "next"}, `next` to send back as `cursor`."""
+        body = self._json_body()
+        if not isinstance(body, dict) or not _BULK_FIELDS.issuperset(body):
+            raise BadRequest("a bulk request is {\"action\", \"filter\"?, \"cursor\"?}")
+        action = body.get("action")
+        if not isinstance(action, str):
+            raise BadRequest("'action' is one of cancel, retry, delete")
+        cursor = body.get("cursor")
+        if cursor is not None and not (isinstance(cursor, str) and _ID.match(cursor)):
+            raise BadRequest("'cursor' is not a cursor this server gave out")
+        filters = _bulk_filter(body.get("filter"))
+        matched, changed, next_cursor = self.server.bulk(action, owner=g.principal.scope,
+                                                         cursor=cursor, **filters)
+        return json_response({"matched": matched, "changed": changed, "next": next_cursor})
+
+    def _has_event_streams(self):
+        """True once this app serves POST /tickets and GET /events beside this route: the
+        dashboard then streams instead of polling (looked up once, the URL map is fixed)."""
+        found = getattr(self, "_streams", None)
+        if found is None:
+            prefix = request.url_rule.rule[:-len("/stats")]
+            rules = {(rule.rule, method) for rule in current_app.url_map.iter_rules()
+                     for method in rule.methods or ()}
+            found = self._streams = ((prefix + "/tickets", "POST") in rules
+                                     and (prefix + "/events", "GET") in rules)
+        return found
+
 
 def _check_id(job_id):
     if not _ID.match(job_id):
@@ -475,3 +526,39 @@ def _int_arg(args, name, default, low, high):
     if not re.fullmatch(r"[0-9]{1,6}", text) or not low <= int(text) <= high:
         raise BadRequest(f"'{name}' is an integer from {low} to {high}")
     return int(text)
+
+
+_BULK_FIELDS = frozenset({"action", "filter", "cursor"})
+_BULK_FILTERS = frozenset({"state", "task", "queue", "ids"})
+MAX_BULK_IDS = 1000
+
+
+def _bulk_filter(spec):
+    """A bulk request's filter as JobServer.bulk's keyword arguments; BadRequest if malformed."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or not _BULK_FILTERS.issuperset(spec):
+        raise BadRequest("'filter' is an object of state, task, queue and ids")
+    out = {}
+    for name in ("state", "task", "queue"):
+        value = spec.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > 200:
+            raise BadRequest(f"'filter.{name}' is a string of 1 to 200 characters")
+        out[name] = value
+    ids = spec.get("ids")
+    if ids is not None:
+        if (not isinstance(ids, list) or len(ids) > MAX_BULK_IDS
+                or not all(isinstance(i, str) and _ID.match(i) for i in ids)):
+            raise BadRequest(f"'filter.ids' is a list of at most {MAX_BULK_IDS} job ids")
+        out["ids"] = sorted(set(ids), reverse=True)
+    return out
+
+
+def _dashboard_routes(bp, api):
+    """The routes the dashboard needs besides the job API's, and the page itself."""
+    bp.add_url_rule("/stats", "stats", api.stats, methods=["GET"])
+    bp.add_url_rule("/jobs/<job_id>", "delete_job", api.delete_job, methods=["DELETE"])
+    bp.add_url_rule("/jobs/bulk", "bulk", api.bulk, methods=["POST"])
+    dashboard.attach(bp)

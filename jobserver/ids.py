@@ -69,3 +69,10 @@ def format_ms(ms):
 
 
 _second_texts = {}
+
+
+def lowest_id_at(ms):
+    """The smallest id text of millisecond `ms` (a UUIDv7 of counter and random bits 0):
+    every id new_id() made at or after `ms` sorts at or above it."""
+    h = f"{int(ms):012x}"
+    return f"{h[:8]}-{h[8:]}-0000-0000-000000000000"

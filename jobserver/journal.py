@@ -34,15 +34,17 @@ from .errors import (
     IdempotencyConflict,
     InvalidJob,
     InvalidTransition,
+    JournalRefusesWrites,
     JournalUnavailable,
     LeaseLost,
     ServerClosed,
+    TokenExists,
     WriteRefused,
 )
 from .eventlog import EventRow, data_callback, data_progress, data_state, data_step
 from .groupcommit import GroupCommitter
-from .ids import new_callback_id
-from .journal_sql import JOB_COLUMNS, MAX_IDS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
+from .ids import lowest_id_at, new_callback_id
+from .journal_sql import ENDED, JOB_COLUMNS, MAX_IDS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
 from .model import TERMINAL, TRANSITIONS, Action, Job, State, StepSummary
 from .timer import Timer
 
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 #: a row whose JSON documents hold more characters than this is decoded without the
 #: request's admission turn (admission.py): other requests run meanwhile
 LONG_DECODE = 256 * 1024
+WRITE_PROBE = "write_probe"  # the settings row that Journal.writable() rewrites
+WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
 
 
 #: seconds between two progress events of one run (the job's row takes every note)
@@ -61,7 +65,7 @@ PROGRESS_EVENT_EVERY = 0.25
 #: rows of the events table one read returns at most
 EVENT_PAGE = 500
 
-_DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost)  # an op's own answer, not a failure
+_DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost, TokenExists)  # an op's own answer, not a failure
 _BATCH_ATTEMPTS = 12  # transient failures (busy, deadlock) of one batch before it gives up: ~6 s
 
 
@@ -71,7 +75,7 @@ class _Tx:
     inserted together at the end — or, `isolated`, each op's inside its own savepoint.
     `fresh`: the ids of jobs submitted in it (their events are numbered from 1);
     `after_commit`: what to do once it committed (undone with its op's savepoint)."""
-    __slots__ = ("now", "rows", "keys", "isolated", "events", "fresh", "after_commit")
+    __slots__ = ("now", "rows", "keys", "isolated", "events", "fresh", "deleted", "after_commit")
 
     def __init__(self, isolated):
         self.now = None
@@ -80,6 +84,7 @@ class _Tx:
         self.isolated = isolated
         self.events = []  # (job id, kind, data)
         self.fresh = set()
+        self.deleted = set()  # jobs deleted in it: no event of theirs is inserted
         self.after_commit = []
 
 
@@ -200,6 +205,8 @@ class Journal:
         self._timer = Timer("jobserver-progress-events")
         self._event_hooks = []
         self._closed = False
+        self._write_probe = (float("-inf"), None)  # (monotonic time, error or None) of the last probe
+        self._write_probe_lock = threading.Lock()
 
     # --- plumbing ---------------------------------------------------------------------
     def close(self):
@@ -314,6 +321,8 @@ class Journal:
         last: one statement for the numbers (none for jobs submitted in this transaction)
         and one for the rows. The ops hold each job's row lock already (their UPDATE took
         it), so on MySQL no other transaction can number an event of these jobs meanwhile."""
+        if tx.deleted:
+            tx.events[:] = [event for event in tx.events if event[0] not in tx.deleted]
         if not tx.events:
             return
         last = {}
@@ -422,6 +431,46 @@ class Journal:
     def ping(self):
         """Raise JournalUnavailable unless the database answers; returns its clock in ms."""
         return self._read(lambda cur: _scalar(cur, self.sql.now))
+
+    def writable(self) -> None:
+        """Raise JournalRefusesWrites (a JournalUnavailable) if the journal refuses writes (a
+        read-only file, directory or database server, a full disk), logging the cause once
+        when that begins.
+
+        The answer comes from one tiny write transaction, made through the group committer
+        (so it shares a commit with whatever else is being written) at most every
+        WRITE_PROBE_SECONDS; in between, callers get the last outcome, so a health check
+        polled every second costs no fsync of its own."""
+        checked_at, error = self._write_probe
+        if (time.monotonic() - checked_at >= WRITE_PROBE_SECONDS
+                and self._write_probe_lock.acquire(blocking=False)):
+            try:
+                error = self._probe_write(was_refusing=error is not None)
+                self._write_probe = (time.monotonic(), error)
+            finally:
+                self._write_probe_lock.release()
+        if error is not None:
+            raise error
+
+    def _probe_write(self, was_refusing):
+        """None if a write commits, else the JournalUnavailable to raise (its cause chained)."""
+        stamp = str(time.time_ns())  # a new value: an UPDATE that changes nothing writes nothing
+
+        def op(cur):
+            cur.execute(self.sql.touch_setting, (stamp, WRITE_PROBE))
+            if cur.rowcount == 0:
+                cur.execute(self.sql.add_setting, (WRITE_PROBE, stamp))
+        try:
+            self._write(op)
+        except JournalUnavailable as exc:
+            if not was_refusing:
+                log.warning("the journal refuses writes: %s", root_cause(exc))
+            refused = JournalRefusesWrites()
+            refused.__cause__ = exc
+            return refused
+        if was_refusing:
+            log.info("the journal takes writes again")
+        return None
 
     def _now(self, cur):
         """The database's clock in ms: run_at and leases are compared with it."""
@@ -955,7 +1004,7 @@ class Journal:
             try:
                 cur.execute(self.sql.add_token, (name, token_hash, int(admin)))
             except self.driver.integrity_errors:
-                raise InvalidTransition(name, "existing", "create token") from None
+                raise TokenExists(name) from None
         self._write(op)
 
     def find_token(self, token_hash):
@@ -995,12 +1044,137 @@ class Journal:
         with self.driver.transaction() as cur:
             yield UserTransaction(cur, self.driver.paramstyle, self.dialect.name, self.dialect.translate)
 
+    # --- the dashboard: overview, delete, bulk ----------------------------------------
+    def stats(self, owner=None, sample=2000, day=True):
+        """What the overview shows, read at the journal's clock (`now`, ms): unfinished jobs
+        by state, finished ones by state in the last hour and day ({"hour": {state: n},
+        "day": ...}), finished per minute and state since `minutes_from` (the start of the
+        minute 59 minutes ago) as [(minute, {state: n})], jobs submitted in the last hour,
+        and the newest `sample` runs of the last hour. `day=False` skips the day's counts
+        (the one read that grows with a whole day of jobs: callers may keep it a while).
+
+        Every read is a range of an index (jobs_finished, the primary key, jobs_owner),
+        so its cost follows the hour's and the day's jobs, not the table's size."""
+        own = () if owner is None else (owner,)
+        suffix = "" if owner is None else "_owner"
+        sql = self.sql
+
+        def read(cur):
+            now = self._now(cur)
+            hour, day_from = now - 3_600_000, now - 86_400_000
+            minutes_from = (now // 60_000 - 59) * 60_000
+            cur.execute(getattr(sql, "stats_unfinished" + suffix), own)
+            unfinished = {state: int(n) for state, n in cur.fetchall()}
+            finished = {}
+            for window, since in (("hour", hour), ("day", day_from))[:2 if day else 1]:
+                cur.execute(getattr(sql, "stats_finished" + suffix), (since, *own))
+                finished[window] = dict(zip(ENDED, (int(n or 0) for n in cur.fetchone())))
+            cur.execute(getattr(sql, "stats_minutes" + suffix), (minutes_from, *own))
+            minutes = [(int(m), dict(zip(ENDED, (int(n or 0) for n in counts))))
+                       for m, *counts in cur.fetchall()]
+            since = lowest_id_at(hour)
+            if owner is None:
+                cur.execute(sql.stats_submitted, (since,))
+            else:
+                cur.execute(sql.stats_submitted_owner, (owner, since))
+            submitted = int(cur.fetchone()[0])
+            cur.execute(getattr(sql, "stats_runs" + suffix), (hour, *own, sample))
+            runs = cur.fetchall()
+            return {"now": now, "unfinished": unfinished, "finished": finished,
+                    "minutes_from": minutes_from, "minutes": minutes,
+                    "submitted_hour": submitted, "runs": runs, "sample": sample}
+        with waiting():  # several index ranges: let polls pass meanwhile
+            return self._read(read)
+
+    def delete_job(self, job_id):
+        """Forget a terminal job: its row, steps, callback deliveries and events, in one
+        transaction.
+
+        Raises InvalidTransition if it is not terminal (state None: there is no such job)."""
+        def op(cur):
+            if not self._delete_one(cur, job_id):
+                raise InvalidTransition(job_id, _scalar(cur, self.sql.state_of, (job_id,)), "delete")
+        self._write(op)
+
+    def _delete_one(self, cur, job_id):
+        cur.execute(self.sql.delete_job, (job_id,))
+        if cur.rowcount == 0:
+            return False
+        cur.execute(self.sql.delete_steps, (job_id,))
+        cur.execute(self.sql.delete_callbacks, (job_id,))
+        cur.execute(self.sql.delete_events, (job_id,))
+        self._tx.deleted.add(job_id)  # an event of it queued in this transaction is dropped
+        return True
+
+    def bulk_page(self, owner=None, state=None, task=None, before=None, ids=None, limit=1000):
+        """[(id, state)] of the jobs a bulk action names, newest first: the filter's next
+        `limit` below `before`, or those of `ids` that pass the filter."""
+        def read(cur):
+            if ids is None:
+                key = (owner is not None, state is not None, task is not None, before is not None)
+                args = tuple(v for v in (owner, state, task, before) if v is not None) + (limit,)
+                cur.execute(self.sql.bulk_page[key], args)
+                return [(row[0], row[2]) for row in cur.fetchall()]
+            if not ids:
+                return []
+            cur.execute(self.sql.bulk_by_ids(len(ids)), tuple(ids))
+            return [(i, s) for i, o, s, t in cur.fetchall()
+                    if (owner is None or o == owner) and (state is None or s == state)
+                    and (task is None or t == task) and (before is None or i < before)][:limit]
+        with waiting():
+            return self._read(read)
+
+    def bulk(self, action, job_ids):
+        """Apply `action` (cancel, retry, delete) to each of `job_ids` in one transaction,
+        each change guarded by the job's state as the single-job action is.
+
+        Returns (changed, with_callback): {id: outcome} for the jobs it changed (for cancel
+        the new state: cancelled, or running with cancel requested; for retry 'queued', for
+        delete 'deleted'), and the ids of the cancelled jobs whose delivery was written."""
+        sql = self.sql
+
+        def op(cur):
+            changed, with_callback = {}, set()
+            for job_id in job_ids:
+                if action == "cancel":
+                    cur.execute(sql.cancel_queued, (job_id,))
+                    if cur.rowcount:
+                        cur.execute(sql.add_callback, (new_callback_id(), job_id))
+                        if cur.rowcount:
+                            with_callback.add(job_id)
+                        changed[job_id] = State.CANCELLED
+                        self._event(job_id, "state", data_state(
+                            State.CANCELLED, callback="pending" if job_id in with_callback else None))
+                        continue
+                    cur.execute(sql.cancel_running, (job_id,))
+                    if cur.rowcount:
+                        changed[job_id] = State.RUNNING
+                elif action == "retry":
+                    cur.execute(sql.retry, (job_id,))
+                    if cur.rowcount:
+                        changed[job_id] = State.QUEUED
+                        self._event(job_id, "state", _QUEUED)
+                elif action == "delete":
+                    if self._delete_one(cur, job_id):
+                        changed[job_id] = "deleted"
+                else:
+                    raise ValueError(f"unknown bulk action {action!r}")
+            return changed, frozenset(with_callback)
+        return self._write(op)
+
 
 def _refused(exc):
     """WriteRefused for an op the database (or the driver) refused for good."""
     error = WriteRefused(f"the journal refused the write ({type(exc).__name__}: {str(exc)[:300]})")
     error.__cause__ = exc
     return error
+
+
+def root_cause(exc):
+    """The innermost cause of `exc`, as text: the driver's own words for what failed."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
 
 
 def open_journal(url, **options):

@@ -22,6 +22,7 @@ from pymysql.constants import CLIENT
 
 from .admission import waiting
 from .errors import JournalUnavailable, WriteRefused
+from .redact import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,19 @@ class SqliteDriver:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(_SYNCHRONOUS[self.synchronous])
         except sqlite3.Error as exc:
-            raise JournalUnavailable(f"cannot open SQLite journal {self.path}: {exc}") from exc
+            raise JournalUnavailable(self._open_failure(exc)) from exc
         with self._lock:
             self._all.append(conn)
         return conn
+
+    def _open_failure(self, exc):
+        """Why the journal could not be opened, in words that point at the fix."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.access(directory, os.W_OK):  # WAL mode makes its -wal and -shm files there
+            return f"the SQLite journal {self.path} refuses writes: its directory is read-only ({exc})"
+        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            return f"the SQLite journal {self.path} refuses writes: {exc}"
+        return f"cannot open SQLite journal {self.path}: {exc}"
 
     def _thread_connection(self):
         if self._closed:
@@ -511,22 +521,32 @@ def _code(exc):
 def connect(url, **options):
     """A driver for `sqlite:///relative.db`, `sqlite:////abs/path.db` or `mysql://user:pw@host:port/db`.
 
-    SQLite takes `?synchronous=NORMAL` in the URL (or `synchronous=` here)."""
-    parsed = urlparse(url)
+    SQLite takes `?synchronous=NORMAL` in the URL (or `synchronous=` here). Errors name the
+    URL with its password masked."""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError as exc:  # a password with an unencoded / reads as a port: never echo it
+        raise ValueError(f"cannot read the journal URL {mask_url(url)!r} ({type(exc).__name__}): "
+                         "percent-encode / ? # @ : in the password") from None
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     if parsed.scheme == "sqlite":
         path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
         if not path:
             raise ValueError("a SQLite URL names a file: sqlite:///jobserver.db")
         if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as exc:
+                raise JournalUnavailable(f"cannot make the SQLite journal's directory "
+                                         f"{os.path.dirname(path)}: {exc.strerror}") from exc
         sync = options.pop("synchronous", None) or query.get("synchronous", "FULL")
         return SqliteDriver(url, path, synchronous=sync, **options)
     if parsed.scheme in ("mysql", "mysql+pymysql", "mariadb"):
         database = parsed.path.lstrip("/")
         if not database:
             raise ValueError("a MySQL URL names a database: mysql://user:pw@host:3306/name")
-        return MysqlDriver(url, host=parsed.hostname or "127.0.0.1", port=parsed.port or 3306,
+        return MysqlDriver(url, host=parsed.hostname or "127.0.0.1", port=port or 3306,
                            user=unquote(parsed.username or "root"),
                            password=unquote(parsed.password or ""), database=database, **options)
     # the scheme only: the URL may hold a password

@@ -6,7 +6,7 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 `journal.Journal` does.
 """
 
-from .model import JOB_FIELDS, TRANSITIONS, Action, State
+from .model import JOB_FIELDS, TERMINAL, TRANSITIONS, Action, State
 
 SCHEMA_VERSION = 4
 
@@ -14,6 +14,8 @@ JOB_COLUMNS = JOB_FIELDS  # every SELECT of a job lists these, in this order: Jo
 _COLS = ", ".join(JOB_COLUMNS)
 #: the most ids one statement binds (a list page's rows are read in runs of this many)
 MAX_IDS = 64
+#: the terminal states in the order of the dashboard's per-state sums
+ENDED = tuple(state.value for state in State if state in TERMINAL)
 
 
 def leaving(action, column="state"):
@@ -110,6 +112,17 @@ MIGRATIONS = {
     # own now: its collation is left alone.)
     2: [{"mysql": f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {{exact}}"}
         for table in ("jobs", "steps", "callbacks", "tokens", "settings")],
+    # 3: the dashboard at a million jobs.
+    # jobs_finished: the overview reads finished jobs by time; counts by state of the last
+    # hour or day and of the unfinished jobs (finished_at NULL) come from this index alone,
+    # without touching rows, an owner's too. jobs_task: a list filtered by task reads one
+    # page of the index, newest first, instead of scanning the table for a task that has
+    # few jobs (a task never changes, so only a submit pays for this index). A (state, id)
+    # index would do the same for a state filter, but claims and finishes would pay for it.
+    3: [
+        "CREATE INDEX jobs_finished ON jobs (finished_at, state, owner)",
+        "CREATE INDEX jobs_task ON jobs (task, id)",
+    ],
     # 4: what happened to each job, for the event streams (eventlog.py, streams.py), written
     # in the transaction of the change it reports and deleted with its job. `id` orders
     # every job's events; it is assigned at insert, so on MySQL a lower id may commit after
@@ -252,6 +265,7 @@ class Sql:
         self.count_tokens = q("SELECT COUNT(*) FROM tokens")
         self.get_setting = q("SELECT value FROM settings WHERE name = ?")
         self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
+        self.touch_setting = q("UPDATE settings SET value = ? WHERE name = ?")
         self._event_statements(q, dialect.lock_row)
         # one op of a shared transaction, isolated from the others (after one of them failed)
         self.savepoint = q("SAVEPOINT journal_op")
@@ -273,6 +287,7 @@ class Sql:
         self.page_steps = self._per_count(self.page_steps_made, (
             "SELECT job_id, name, state, started_at, finished_at FROM steps "
             "WHERE job_id IN ({markers}) ORDER BY job_id, seq"))
+        self._dashboard_queries(dialect)
 
     def _event_statements(self, q, lock_row):
         """The events table's statements (eventlog.py): written in batches, read by job and
@@ -300,6 +315,7 @@ class Sql:
         # so that the job's last seq is read under it as for every other event
         self.lock_job = q(f"SELECT id FROM jobs WHERE id = ?{lock_row}")
         self.callback_of = q("SELECT job_id, attempts FROM callbacks WHERE id = ?")
+        self.delete_events = q("DELETE FROM events WHERE job_id = ?")
 
     def _per_count(self, made, text):
         """`statement(n)`: `text` with `n` bound `?` markers in place of {markers}: one
@@ -321,3 +337,56 @@ class Sql:
             key = tuple(bool(mask & (1 << i)) for i in range(4))
             used = [tests[n] for n, on in zip(names, key) if on]
             yield key, (" WHERE " + " AND ".join(used)) if used else ""
+
+    # --- the dashboard: overview, delete, bulk -----------------------------------------
+    # the minute a finished_at falls in (integer division differs between the engines)
+    _MINUTE_OF = {"sqlite": "finished_at / 60000", "mysql": "finished_at DIV 60000"}
+    # name the index: for `GROUP BY state` both engines may rather walk all of jobs_claim,
+    # which is in state order, than sort the few groups of a jobs_finished range
+    _BY_FINISHED = {"sqlite": "jobs INDEXED BY jobs_finished", "mysql": "jobs FORCE INDEX (jobs_finished)"}
+
+    def _dashboard_queries(self, dialect):
+        """The overview's reads (each an index range on jobs_finished or a primary-key
+        range, never a scan of the table) and the delete and bulk statements.
+
+        `+owner`: SQLite would otherwise pick jobs_owner for `owner = ?` and walk every job
+        the owner ever had; the window of jobs_finished holds the owner column already."""
+        q = dialect.translate
+        minute = self._MINUTE_OF[dialect.name]
+        jobs = self._BY_FINISHED[dialect.name]
+        # per terminal state, one SUM each: a GROUP BY state sorts the range in a temporary
+        # B-tree, several times slower over a day of jobs than these sums
+        sums = ", ".join(f"SUM(CASE WHEN state = '{state}' THEN 1 ELSE 0 END)"
+                         for state in ENDED)
+        for suffix, mine in (("", ""), ("_owner", " AND +owner = ?")):
+            setattr(self, "stats_unfinished" + suffix, q(
+                f"SELECT state, COUNT(*) FROM {jobs} WHERE finished_at IS NULL{mine} GROUP BY state"))
+            setattr(self, "stats_finished" + suffix, q(
+                f"SELECT {sums} FROM {jobs} WHERE finished_at >= ?{mine}"))
+            setattr(self, "stats_minutes" + suffix, q(
+                f"SELECT {minute} AS minute, {sums} FROM {jobs} "
+                f"WHERE finished_at >= ?{mine} GROUP BY {minute}"))
+            setattr(self, "stats_runs" + suffix, q(
+                f"SELECT task, state, created_at, started_at, finished_at FROM {jobs} "
+                f"WHERE finished_at >= ?{mine} AND started_at IS NOT NULL "
+                "ORDER BY finished_at DESC LIMIT ?"))
+        # ids are UUIDv7: those at or above a time's lowest id were submitted since
+        self.stats_submitted = q("SELECT COUNT(*) FROM jobs WHERE id >= ?")
+        self.stats_submitted_owner = q("SELECT COUNT(*) FROM jobs WHERE owner = ? AND id >= ?")
+        self.delete_job = q(f"DELETE FROM jobs WHERE id = ? AND {leaving(Action.DELETE)}")
+        self.delete_steps = q("DELETE FROM steps WHERE job_id = ?")
+        self.delete_callbacks = q("DELETE FROM callbacks WHERE job_id = ?")
+        # bulk: the page of ids a filter names, as the list reads it (same filters, same order)
+        self.bulk_page = {key: q(f"SELECT id, owner, state, task FROM jobs{where} ORDER BY id DESC LIMIT ?")
+                          for key, where in self._list_filters()}
+        self.bulk_ids = {}
+
+        def bulk_by_ids(n):
+            """The rows of `n` named ids (only the count of markers varies; ids are bound)."""
+            statement = self.bulk_ids.get(n)
+            if statement is None:
+                markers = ", ".join(["?"] * n)
+                statement = self.bulk_ids[n] = q(
+                    f"SELECT id, owner, state, task FROM jobs WHERE id IN ({markers}) ORDER BY id DESC")
+            return statement
+        self.bulk_by_ids = bulk_by_ids

@@ -62,10 +62,13 @@ class Action(str, Enum):
     REQUEST_CANCEL = "request-cancel"
     #: a user queues a failed or cancelled job again, under the same id
     RETRY = "retry"
+    #: a user forgets a job that ended: its row goes (with its steps and deliveries)
+    DELETE = "delete"
 
 
 class Transition(NamedTuple):
-    """The states an action may start from (none: a new job) and those it may lead to."""
+    """The states an action may start from (none: a new job) and those it may lead to
+    (none: the job is gone)."""
     sources: frozenset[State]
     targets: frozenset[State]
 
@@ -88,6 +91,7 @@ TRANSITIONS: Mapping[Action, Transition] = {
     Action.CANCEL_QUEUED: _move({_Q}, {_C}),
     Action.REQUEST_CANCEL: _move({_R}, {_R}),
     Action.RETRY: _move({_F, _C}, {_Q}),
+    Action.DELETE: _move({_S, _F, _C}, ()),
 }
 
 
@@ -97,9 +101,9 @@ def next_states(state: State) -> frozenset[State]:
                      for target in move.targets)
 
 
-#: The states only an explicit retry request leaves: a job there has ended.
+#: The states only a user's retry (or delete) leaves: a job there has ended.
 TERMINAL = frozenset(state for state in State
-                     if all(action is Action.RETRY for action, move in TRANSITIONS.items()
+                     if all(action in (Action.RETRY, Action.DELETE) for action, move in TRANSITIONS.items()
                             if state in move.sources))
 
 
@@ -115,23 +119,21 @@ _STATES = {state.value: state for state in State}
 
 
 def _quick_maker(cls):
-    """A function making a `cls` (a frozen, slotted dataclass) from the same arguments as
+    """A callable making a `cls` (a frozen, slotted dataclass) from the same arguments as
     its __init__, several times faster.
 
     A frozen dataclass's __init__ sets each field with object.__setattr__, ~150 ns a field:
     the hot paths make two Jobs (24 fields) and two JobEvents per job, which came to 5 % of
-    the instructions of a job submitted over HTTP and run (bench.wsgi_cost post-run). The values go into a mutable twin of the same slot layout, whose
-    __init__ stores them with plain attribute stores, and the object then becomes a `cls`
-    (CPython allows the class change between classes of identical slots)."""
-    twin = make_dataclass(f"_{cls.__name__}Draft", [
-        (f.name, f.type, field(default=f.default)) if f.default is not MISSING else (f.name, f.type)
-        for f in fields(cls)], slots=True)
+    the instructions of a job submitted over HTTP and run (bench.wsgi_cost post-run). The
+    values go into a mutable twin of the same slot layout, whose __init__ stores them with
+    plain attribute stores, and the object then becomes a `cls` (CPython allows the class
+    change between classes of identical slots)."""
+    def __post_init__(self):
+        self.__class__ = cls
 
-    def make(*args, **kwargs):
-        made = twin(*args, **kwargs)
-        made.__class__ = cls
-        return made
-    return make
+    return make_dataclass(f"_{cls.__name__}Draft", [
+        (f.name, f.type, field(default=f.default)) if f.default is not MISSING else (f.name, f.type)
+        for f in fields(cls)], slots=True, namespace={"__post_init__": __post_init__})
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +177,9 @@ class Job:
         values = list(row)
         values[_STATE] = _STATES[values[_STATE]]
         values[_PARAMS] = loads(values[_PARAMS]) if params is None else params
-        values[_PROGRESS] = loads(values[_PROGRESS])
-        values[_RESULT] = loads(values[_RESULT])
-        values[_ERROR] = loads(values[_ERROR])
+        for i in _MAYBE_NULL:  # NULL in most rows (a job not yet running, a poll of a running one)
+            if values[i] is not None:
+                values[i] = loads(values[i])
         values[_CANCEL] = bool(values[_CANCEL])
         return _make_job(*values)
 
@@ -197,15 +199,14 @@ class Job:
             "steps": [{"name": s.name, "state": s.state, "started_at": format_ms(s.started_at),
                        "finished_at": format_ms(s.finished_at)} for s in steps],
             "result": self.result, "error": self.error, "cancel_requested": self.cancel_requested,
-            "callback": self._public_callback(callback), "queue": DEFAULT_QUEUE,
+            "callback": None if self.callback_url is None else self._public_callback(callback),
+            "queue": DEFAULT_QUEUE,
             "timeout": self.timeout if self.timeout is not None else task_timeout,
             "created_at": format_ms(self.created_at), "started_at": format_ms(self.started_at),
             "finished_at": format_ms(self.finished_at),
         }
 
     def _public_callback(self, callback):
-        if not self.callback_url:
-            return None
         if callback is None:  # the job has not ended yet: nothing was written
             return {"url": self.callback_url, "state": "pending", "attempts": 0,
                     "last_error": None, "delivered_at": None}
@@ -216,9 +217,8 @@ class Job:
 
 JOB_FIELDS = tuple(f.name for f in fields(Job))
 _make_job = _quick_maker(Job)
-_STATE, _PARAMS, _PROGRESS, _RESULT, _ERROR, _CANCEL = (
-    JOB_FIELDS.index(name) for name in ("state", "params", "progress", "result", "error",
-                                        "cancel_requested"))
+_STATE, _PARAMS, _CANCEL = (JOB_FIELDS.index(name) for name in ("state", "params", "cancel_requested"))
+_MAYBE_NULL = tuple(JOB_FIELDS.index(name) for name in ("progress", "result", "error"))  # JSON or NULL
 
 
 class EventKind(str, Enum):

@@ -16,8 +16,9 @@ from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, Serve
 from .eventbus import EventBus
 from .ids import new_id
 from .journal import open_journal
-from .model import TERMINAL, JobEvent, State
+from .model import DEFAULT_QUEUE, TERMINAL, JobEvent, State
 from .pool import Pool
+from .stats import summarize
 from .tasks import Registry, default_registry
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ MAX_KEY = 190
 MAX_TASK = 200
 MAX_OWNER = 190  # the journal's owner column (a token's name)
 MAX_PAGE_BYTES = 8 * 1024 * 1024  # a list page stops early (with a cursor) past this much JSON
+BULK_LIMIT = 1000  # jobs one bulk call acts on
+STATS_DAY_TTL = 30.0  # seconds the overview's last-day counts are kept
+BULK_ACTIONS = ("cancel", "retry", "delete")
 _STATE_NAMES = frozenset(s.value for s in State)
 _FIELDS = frozenset({"task", "params", "priority", "delay", "max_retries", "timeout",
                      "idempotency_key", "callback_url"})  # what a submit spec may hold
@@ -112,6 +116,7 @@ class JobServer:
         self.callback_guard = self.deliverer.guard.check  # url -> url, or InvalidCallback
         self.add_listener(self.deliverer.on_event)
         self._depth = (0.0, 0)
+        self._day_counts = {}  # owner -> (monotonic time, the last day's counts): stats()
         self._state = "new"
         self._lock = threading.Lock()
 
@@ -329,12 +334,69 @@ class JobServer:
     def health(self, details=False):
         """{"status": "ok"} (or "stopping"); with `details`, also this process's node id
         (host name and pid: for operators, not for anyone who asks). Raises
-        JournalUnavailable unless the journal answers."""
+        JournalUnavailable unless the journal answers and takes writes."""
         self.journal.ping()
+        self.journal.writable()
         health = {"status": "ok" if self.accepting else "stopping"}
         if details:
             health["node"] = self.pool.node_id
         return health
+
+    # --- the dashboard: overview, delete, bulk ---------------------------------------
+    def stats(self, owner=None):
+        """The overview of `owner`'s jobs (None: everyone's), as GET /stats answers it.
+
+        The last day's counts are read at most every STATS_DAY_TTL seconds per owner (a
+        day of jobs is the one range that is long to count); the rest is read each time."""
+        cache = self._day_counts
+        now = time.monotonic()
+        cached = cache.get(owner)
+        fresh = cached is not None and now - cached[0] < STATS_DAY_TTL
+        raw = self.journal.stats(owner=owner, day=not fresh)
+        if fresh:
+            raw["finished"]["day"] = cached[1]
+        else:
+            if len(cache) >= 1024:  # one entry per owner looking: bounded all the same
+                cache.clear()
+            cache[owner] = (now, raw["finished"]["day"])
+        return summarize(raw)
+
+    def delete(self, job_id, owner=None):
+        """Forget a terminal job, its steps and its callback deliveries.
+
+        JobNotFound if `owner` may not see it; InvalidTransition if it has not ended."""
+        self._visible(job_id, owner)
+        self.journal.delete_job(job_id)
+
+    def bulk(self, action, owner=None, state=None, task=None, queue=None, ids=None, cursor=None,
+             limit=BULK_LIMIT):
+        """Apply cancel, retry or delete to the next `limit` of `owner`'s jobs that the
+        filter matches, newest first, below `cursor`. Returns (matched, changed, next cursor).
+
+        Each job changes as its single-job action would change it (guarded by its state);
+        a job the filter names that the action does not apply to is matched, not changed."""
+        if action not in BULK_ACTIONS:
+            raise InvalidJob(f"'action' is one of {', '.join(BULK_ACTIONS)}")
+        if state is not None and state not in _STATE_NAMES:
+            raise InvalidJob(f"unknown state {state!r}")
+        if queue is not None and queue != DEFAULT_QUEUE:
+            return 0, 0, None  # every job is in the default queue until queues land
+        page = self.journal.bulk_page(owner=owner, state=state, task=task, before=cursor,
+                                      ids=ids, limit=limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
+        changed, with_callback = (self.journal.bulk(action, [job_id for job_id, _state in page])
+                                  if page else ({}, frozenset()))
+        for job_id, outcome in changed.items():  # what the single-job actions announce
+            if outcome == State.CANCELLED:
+                self._on_event(JobEvent.state_changed(
+                    job_id, State.CANCELLED, callback="pending" if job_id in with_callback else None))
+            elif outcome == State.RUNNING:
+                self.pool.cancel_local(job_id)
+        if action == "retry" and changed:
+            self.pool.wake()
+        return len(page), len(changed), (page[-1][0] if more else None)
+
 
 def _plausible_id(job_id):
     return isinstance(job_id, str) and len(job_id) <= 64

@@ -1,5 +1,12 @@
 """Shared fixtures: a fresh journal URL per test on SQLite always, and on MariaDB/MySQL
-when JOBSERVER_TEST_MYSQL names a server (then an unreachable server fails the test)."""
+when JOBSERVER_TEST_MYSQL names a server (then an unreachable server fails the test),
+and the live servers built on them.
+
+Fixtures are composed here, so a test names them as arguments and imports nothing for
+them; plain helpers live in modules beside this one: http_fixtures (an in-process
+server behind real waitress: launch, TASKS, FAST, assert_problem, TcpProxy),
+liveserver (`jobserver` subprocesses: ServeProcess, run_cli, free_port) and
+proc_worker (worker processes)."""
 import os
 import time
 import uuid
@@ -8,6 +15,7 @@ from urllib.parse import urlparse, urlunparse
 import proc_worker
 import pymysql
 import pytest
+from http_fixtures import launch
 
 from jobserver import JobServer
 
@@ -84,3 +92,17 @@ def client(db_url):
     server = JobServer(db_url, tasks=proc_worker.registry)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def live(db_url):
+    """A live server (http_fixtures.launch) on each journal backend."""
+    with launch(db_url) as server:
+        yield server
+
+
+@pytest.fixture
+def live_sqlite(sqlite_url):
+    """A live server on SQLite only."""
+    with launch(sqlite_url) as server:
+        yield server

@@ -1,11 +1,12 @@
 """A live HTTP server for tests: a JobServer, create_app, and real waitress on a free port.
 
-Import the fixtures into a test module: `from http_fixtures import launch, live, TASKS`."""
+`launch(db_url)` is the server as a context manager; the `live` and `live_sqlite`
+fixtures (conftest.py) are built on it and need no import. TASKS and FAST are the test
+tasks and the short intervals every in-process server of the suite uses."""
 import socket
 import threading
 from contextlib import ExitStack, contextmanager
 
-import pytest
 import requests
 from waitress import wasyncore
 
@@ -105,19 +106,6 @@ def launch(db_url, url_prefix="", tasks=TASKS, start=True, **overrides):
         yield live
 
 
-@pytest.fixture
-def live(db_url):
-    """A live server on each journal backend."""
-    with launch(db_url) as server:
-        yield server
-
-
-@pytest.fixture
-def live_sqlite(sqlite_url):
-    with launch(sqlite_url) as server:
-        yield server
-
-
 def assert_problem(response, status):
     """The response is an RFC 9457 problem with this status; returns its body."""
     assert response.status_code == status, response.text
@@ -198,3 +186,12 @@ class TcpProxy:
 
     def close(self):
         self.cut()
+
+
+def __getattr__(name):
+    """`from http_fixtures import live` as test modules wrote it before the fixtures moved
+    to conftest.py: the same fixture, so such a module keeps running."""
+    if name in ("live", "live_sqlite"):
+        import conftest
+        return getattr(conftest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from http_fixtures import FAST
 
 BIN = Path(sys.executable).parent
 JOBSERVER = str(BIN / "jobserver")
-FAST = ["--workers", "2", "--poll-interval", "0.05", "--lease-seconds", "3", "--shutdown-grace", "1"]
+# the suite's short intervals as serve flags (a shorter lease: a killed serve's jobs return sooner)
+FAST_FLAGS = [word for name, value in dict(FAST, lease_seconds=3).items()
+              for word in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def free_port():
@@ -35,22 +38,25 @@ def run_cli(*args, env=None, timeout=60):
 
 
 class ServeProcess:
-    """`jobserver serve` with the demo tasks; `args` replace the default flags when given."""
+    """`jobserver serve` with the demo tasks; `args` replace the default flags when given,
+    `cwd` is where it runs (default: here)."""
 
-    def __init__(self, log_path, db=None, port=None, args=None, env=None):
+    def __init__(self, log_path, db=None, port=None, args=None, env=None, cwd=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         cmd = [JOBSERVER, "serve"]
         if args is None:
-            args = ["--db", db, "--port", str(self.port), "--tasks", "jobserver.demo", *FAST]
+            args = ["--db", db, "--port", str(self.port), "--tasks", "jobserver.demo", *FAST_FLAGS]
         self.cmd = cmd + list(args)
         self.env = env if env is not None else clean_env()
+        self.cwd = cwd
         self.proc = None
 
     def start(self, timeout=30):
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

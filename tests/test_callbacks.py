@@ -8,27 +8,16 @@ import time
 import pytest
 from callback_receiver import Receiver, fake_dns
 from conftest import wait_for
+from http_fixtures import FAST, TASKS
 from standardwebhooks.webhooks import Webhook
 
 from jobserver.errors import InvalidTransition, JobNotFound
 from jobserver.server import JobServer
-from jobserver.tasks import Registry
 from jobserver.urlguard import UrlGuard
 
-TASKS = Registry()
-FAST = dict(workers=2, poll_interval=0.05, lease_seconds=5.0, shutdown_grace=1.0,
-            callback_allow=("127.0.0.0/8",), callback_attempts=3, callback_backoff=0.05,
-            callback_timeout=2.0)
-
-
-@TASKS.task("t.echo")
-def echo(ctx, **params):
-    return params
-
-
-@TASKS.task("t.fail")
-def fail(ctx, message="boom"):
-    raise RuntimeError(message)
+# the receiver is on loopback; few, quick attempts
+OPTIONS = dict(FAST, callback_allow=("127.0.0.0/8",), callback_attempts=3, callback_backoff=0.05,
+               callback_timeout=2.0)
 
 
 @pytest.fixture
@@ -43,7 +32,7 @@ def make_server(sqlite_url):
     servers = []
 
     def make(db=None, **options):
-        server = JobServer(db or sqlite_url, tasks=TASKS, **dict(FAST, **options))
+        server = JobServer(db or sqlite_url, tasks=TASKS, **dict(OPTIONS, **options))
         servers.append(server.start())
         return server
     yield make

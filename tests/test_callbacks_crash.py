@@ -1,18 +1,18 @@
 """Deliveries are journaled: a server killed with -9 while its receiver is down delivers after a restart."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 
 from callback_receiver import Receiver
 from conftest import wait_for
+from http_fixtures import TASKS
+from liveserver import free_port
 from standardwebhooks.webhooks import Webhook
 
 from jobserver.journal import open_journal
 from jobserver.server import JobServer
-from jobserver.tasks import Registry
 
 CHILD = textwrap.dedent("""
     import sys, time
@@ -36,20 +36,6 @@ CHILD = textwrap.dedent("""
     print(" ".join(ids), flush=True)
     time.sleep(120)
 """)
-
-TASKS = Registry()
-
-
-@TASKS.task("t.echo")
-def echo(ctx, **params):
-    return params
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_pending_deliveries_survive_kill_9(db_url, tmp_path):
     port = free_port()

@@ -3,19 +3,11 @@ import ipaddress
 
 import pytest
 from callback_receiver import fake_dns
+from http_fixtures import TASKS
 
 from jobserver.errors import InvalidCallback
 from jobserver.server import JobServer
-from jobserver.tasks import Registry
 from jobserver.urlguard import ForbiddenAddress, UrlGuard, is_public, normalise
-
-TASKS = Registry()
-
-
-@TASKS.task("t.echo")
-def echo(ctx, **params):
-    return params
-
 
 REFUSED = [
     "http://10.1.2.3/hook", "http://172.16.0.1/hook", "http://172.31.255.255/", "http://192.168.1.1/",

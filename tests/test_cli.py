@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import requests
+from conftest import wait_for
+from liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
 from jobserver import JobServer, cli, demo
-from jobserver.client import Client, ProblemError
+from jobserver.client import TERMINAL, Client, ProblemError
 from jobserver.journal import open_journal
-from tests.conftest import wait_for
-from tests.liveserver import JOBSERVER, ServeProcess, clean_env, free_port, run_cli
 
 INJECTION = "x'); DROP TABLE projects;--"
 
@@ -129,7 +129,7 @@ def test_worker_runs_jobs_without_http(sqlite_url, tmp_path):
 
 def _finished(server, job_id):
     job = server.get(job_id)
-    return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+    return job if job["state"] in TERMINAL else None
 
 
 def test_env_twins_configure_serve_and_client(tmp_path):

@@ -1,9 +1,9 @@
 """The Python client against a real `jobserver serve` subprocess."""
 import pytest
+from conftest import wait_for
+from liveserver import ServeProcess, free_port
 
 from jobserver.client import Client, ConnectionFailed, ProblemError, RemoteJobError
-from tests.conftest import wait_for
-from tests.liveserver import ServeProcess, free_port
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import time
 import proc_worker
 from conftest import wait_for
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from jobserver.client import TERMINAL
 
 
 def states(client, ids):

@@ -1,8 +1,8 @@
 """The demo tasks, run by a real in-process JobServer on each journal backend."""
 import pytest
+from conftest import wait_for
 
 from jobserver import JobServer, Registry, demo
-from tests.conftest import wait_for
 
 INJECTION = "x'); DROP TABLE projects;--"
 

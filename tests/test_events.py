@@ -12,7 +12,8 @@ import requests
 from conftest import wait_for
 from http_fixtures import FAST as FAST_IN_PROCESS
 from http_fixtures import launch, serving
-from liveserver import FAST, JOBSERVER, ServeProcess, clean_env, free_port
+from liveserver import FAST_FLAGS as FAST
+from liveserver import JOBSERVER, ServeProcess, clean_env, free_port
 from sse_reader import SseStream
 
 from jobserver import JobServer, Registry

@@ -6,7 +6,7 @@ import pytest
 import requests
 from conftest import wait_for
 from flask import Flask
-from http_fixtures import FAST, TASKS, assert_problem, launch, live, live_sqlite, serving  # noqa: F401
+from http_fixtures import FAST, TASKS, assert_problem, launch, serving
 
 from jobserver.auth import Authenticator, create_token, hash_token, is_loopback_host
 from jobserver.http import api_blueprint, create_app, init_app

@@ -3,7 +3,7 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 from conftest import wait_for
-from http_fixtures import TcpProxy, assert_problem, launch, live, live_sqlite  # noqa: F401
+from http_fixtures import TcpProxy, assert_problem, launch
 
 from jobserver.errors import InvalidCallback
 

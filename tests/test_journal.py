@@ -77,7 +77,7 @@ def test_schema_created_versioned_and_reopen_is_a_no_op(db_url):
     first.close()  # closing twice is harmless
     again = open_journal(db_url)
     try:
-        assert again.schema_version() == 4
+        assert again.schema_version() == SCHEMA_VERSION
         assert again.get_job(job_id).params == {"kept": True}
     finally:
         again.close()
@@ -549,11 +549,18 @@ def _exercise(j):
     j.find_token("f" * 64)
     j.has_tokens()
     j.setting("secret", lambda: "whsec_x")
+    j.writable()
     for owner in (None, "alice"):
         for state in (None, "queued"):
             for task in (None, "t.echo"):
                 for before in (None, "ffffffff"):
                     j.list_jobs(owner=owner, state=state, task=task, before=before, limit=5)
+                    j.bulk_page(owner=owner, state=state, task=task, before=before, limit=5)
+        j.stats(owner=owner)
+    j.bulk_page(ids=[a["id"], b_id])
+    for action in ("cancel", "retry", "delete"):
+        j.bulk(action, [b_id, a["id"]])
+    j.delete_job(d_id)
     j.job_events(jb.id, after=1)
     j.last_seq(jb.id)
     j.event_ids_after(j.last_event_id() - 3)

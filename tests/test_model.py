@@ -80,13 +80,19 @@ def test_every_state_changing_statement_follows_the_transition_table(dialect):
             assert {State(target)} == move.targets, f"{name} ends in {target}, the table says {move.targets}"
     claim_select = Sql(dialect).claim_select
     assert f"state = '{State.QUEUED.value}'" in claim_select  # the claim picks what it may take
+    deletes = {name: text for name, text in vars(Sql(dialect)).items()
+               if isinstance(text, str) and text.startswith("DELETE FROM jobs ")}
+    assert list(deletes) == ["delete_job"]
+    guard = _GUARD.search(deletes["delete_job"])
+    assert {State(n) for n in re.findall(r"'(\w+)'", guard["many"])} == TRANSITIONS[Action.DELETE].sources
 
 
-def test_the_table_is_closed_and_terminal_states_are_left_only_by_a_retry():
+def test_the_table_is_closed_and_terminal_states_are_left_only_by_a_retry_or_a_delete():
     assert set(TRANSITIONS) == set(Action)
     for action, move in TRANSITIONS.items():
-        assert move.targets, action
+        assert move.targets or action is Action.DELETE, action  # a delete leaves no state: no row
         assert all(isinstance(s, State) for s in move.sources | move.targets)
+    assert TRANSITIONS[Action.DELETE].sources == TERMINAL
     assert TRANSITIONS[Action.SUBMIT].sources == frozenset()  # a new job: no state before
     assert TERMINAL == {State.SUCCEEDED, State.FAILED, State.CANCELLED}
     assert next_states(State.QUEUED) == {State.RUNNING, State.CANCELLED}

@@ -5,11 +5,13 @@ import time
 
 import pytest
 from conftest import wait_for
+from http_fixtures import FAST
 
 from jobserver import InvalidJob, JobServer, Registry
+from jobserver.client import TERMINAL
 
-FAST = dict(lease_seconds=1, poll_interval=0.05, shutdown_grace=2)
-TERMINAL = {"succeeded", "failed", "cancelled"}
+# a short lease, so that tests of lapsed leases wait a second, not half a minute
+OPTIONS = dict(FAST, lease_seconds=1, shutdown_grace=2)
 
 
 class Custom(BaseException):
@@ -22,7 +24,7 @@ def servers():
     made = []
 
     def make(url, registry, start=True, **options):
-        server = JobServer(url, tasks=registry, **dict(FAST, **options))
+        server = JobServer(url, tasks=registry, **dict(OPTIONS, **options))
         made.append(server)
         return server.start() if start else server
     yield make
@@ -373,7 +375,7 @@ def test_a_node_id_the_journal_cannot_hold_is_refused_at_once(db_url):
     registry = Registry()
     with pytest.raises(ValueError):
         JobServer(db_url, tasks=registry, node_id="n" * 121)
-    server = JobServer(db_url, tasks=registry, node_id="n" * 120, **FAST).start()
+    server = JobServer(db_url, tasks=registry, node_id="n" * 120, **OPTIONS).start()
     server.stop()
 
 

@@ -99,9 +99,10 @@ def test_a_poll_of_a_big_job_does_not_keep_healthz_waiting(sqlite_url):
                 poller.result(60)
     health.sort()
     assert big_gets, "no big GET finished"
-    # healthz answers in a few ms alone; behind a big read holding the turn it waited ~1 s
-    assert health[len(health) // 2] < 0.25, f"healthz took {health} while big GETs took {big_gets}"
-    assert health[-1] < 1.0, f"healthz took {health}"
+    # healthz answers in a few ms alone; behind big reads holding the turn it waited 2-4 s
+    # (bounds generous for a loaded 2-core box)
+    assert health[len(health) // 2] < 0.5, f"healthz took {health} while big GETs took {big_gets}"
+    assert health[-1] < 2.0, f"healthz took {health}"
 
 
 def test_a_list_page_of_big_results_reads_about_its_cap(db_url):
