@@ -101,6 +101,8 @@ def launch(db_url, url_prefix="", tasks=TASKS, start=True, **overrides):
             server.start()
         stack.callback(server.stop)
         base = stack.enter_context(serving(create_app(server, url_prefix=url_prefix)))
+        # open event streams (a browser's) end first: waitress waits for its threads
+        stack.callback(server.events.close)
         live = Live(server, base, url_prefix)
         stack.callback(live.session.close)
         yield live
