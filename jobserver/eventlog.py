@@ -43,11 +43,17 @@ class EventRow(NamedTuple):
 _STATE_ONLY = {state: dumps({"state": state.value}) for state in State}
 
 
+_RUNNING = {attempt: dumps({"attempt": attempt, "state": State.RUNNING.value}) for attempt in range(1, 33)}
+
+
 def data_state(state: State, attempt: int | None = None, error_type: str | None = None,
                callback: str | None = None) -> str:
     """The stored fields of a state event (JobEvent.state_changed's)."""
-    if attempt is None and error_type is None and callback is None:
-        return _STATE_ONLY[state]
+    if error_type is None and callback is None:
+        if attempt is None:
+            return _STATE_ONLY[state]
+        if state is State.RUNNING and attempt in _RUNNING:
+            return _RUNNING[attempt]
     fields = {"state": state.value}
     if attempt is not None:
         fields["attempt"] = attempt

@@ -64,6 +64,8 @@ WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
 PROGRESS_EVENT_EVERY = 0.25
 #: rows of the events table one read returns at most
 EVENT_PAGE = 500
+#: jobs whose last event's seq the writer keeps in memory at most (SQLite)
+MAX_REMEMBERED_SEQS = 100_000
 
 _DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost, TokenExists)  # an op's own answer, not a failure
 _BATCH_ATTEMPTS = 12  # transient failures (busy, deadlock) of one batch before it gives up: ~6 s
@@ -74,8 +76,8 @@ class _Tx:
     job rows they submitted (with their idempotency keys) and the events they report,
     inserted together at the end — or, `isolated`, each op's inside its own savepoint.
     `fresh`: the ids of jobs submitted in it (their events are numbered from 1);
-    `after_commit`: what to do once it committed (undone with its op's savepoint)."""
-    __slots__ = ("now", "rows", "keys", "isolated", "events", "fresh", "deleted", "after_commit")
+    `numbered`: the last seq of each job it wrote events of (None: it wrote none)."""
+    __slots__ = ("now", "rows", "keys", "isolated", "events", "fresh", "deleted", "numbered")
 
     def __init__(self, isolated):
         self.now = None
@@ -85,7 +87,7 @@ class _Tx:
         self.events = []  # (job id, kind, data)
         self.fresh = set()
         self.deleted = set()  # jobs deleted in it: no event of theirs is inserted
-        self.after_commit = []
+        self.numbered = None
 
 
 class _Isolate(Exception):
@@ -204,6 +206,9 @@ class Journal:
         self._owed = {}
         self._timer = Timer("jobserver-progress-events")
         self._event_hooks = []
+        # SQLite: the last seq of the jobs whose events this process numbered (_last_seqs)
+        self._seqs = {} if self.sql.data_version is not None else None
+        self._seqs_version = None
         self._closed = False
         self._write_probe = (float("-inf"), None)  # (monotonic time, error or None) of the last probe
         self._write_probe_lock = threading.Lock()
@@ -293,7 +298,7 @@ class Journal:
         then their events, as another; `isolated`, each op under its own savepoint with
         its inserts and events. `done` gets the transaction's after-commit list."""
         tx = self._tx = _Tx(isolated)
-        done[:] = [tx.after_commit]
+        done[:] = [tx]
         try:
             if isolated:
                 for op in batch:
@@ -325,32 +330,56 @@ class Journal:
             tx.events[:] = [event for event in tx.events if event[0] not in tx.deleted]
         if not tx.events:
             return
-        last = {}
-        known = [job_id for job_id in {event[0] for event in tx.events} if job_id not in tx.fresh]
-        for start in range(0, len(known), MAX_IDS):
-            chunk = known[start:start + MAX_IDS]
-            cur.execute(self.sql.last_seqs(len(chunk)), chunk)
-            last.update(cur.fetchall())
+        fresh = tx.fresh
+        known = [job_id for job_id in {event[0] for event in tx.events} if job_id not in fresh]
+        last = self._last_seqs(cur, tx, known) if known else {}
         rows = []
         for job_id, kind, data in tx.events:
             seq = last[job_id] = (last.get(job_id) or 0) + 1
             rows.append((job_id, seq, kind, data))
         cur.executemany(self.sql.insert_event, rows)
         tx.events.clear()
-        if self._tell_events not in tx.after_commit:  # bound methods compare equal, not identical
-            tx.after_commit.append(self._tell_events)
+        if tx.numbered is None:
+            tx.numbered = last
+        else:
+            tx.numbered.update(last)
+
+    def _last_seqs(self, cur, tx, job_ids):
+        """{job id: the seq of its last event} for these jobs (absent: none yet): one query
+        per MAX_IDS jobs. On SQLite, the numbers this process committed last stand in for
+        the query while no other connection has written since (PRAGMA data_version says):
+        a claim or a finish then costs the events table no read."""
+        last, missing = {}, job_ids
+        cache = self._seqs
+        if cache is not None:
+            version = _scalar(cur, self.sql.data_version)
+            if version != self._seqs_version or tx.isolated:
+                cache.clear()  # another connection wrote, or isolated ops commit apart
+                self._seqs_version = None if tx.isolated else version
+            if cache:
+                last = {job_id: cache[job_id] for job_id in job_ids if job_id in cache}
+                missing = [job_id for job_id in job_ids if job_id not in last]
+        for start in range(0, len(missing), MAX_IDS):
+            chunk = missing[start:start + MAX_IDS]
+            cur.execute(self.sql.last_seqs(len(chunk)), chunk)
+            last.update(cur.fetchall())
+        return last
 
     def _committed(self, done):
-        """Run what the committed transaction left to do once committed."""
-        for fn in done[0] if done else ():
+        """After a commit that wrote events: remember their numbers (SQLite) and wake this
+        process's streams."""
+        tx = done[0] if done else None
+        if tx is None or tx.numbered is None:
+            return
+        if self._seqs is not None and not tx.isolated:
+            if len(self._seqs) > MAX_REMEMBERED_SEQS:
+                self._seqs.clear()
+            self._seqs.update(tx.numbered)
+        for fn in self._event_hooks:
             try:
                 fn()
             except Exception:  # a hook's bug must not fail ops that committed
-                log.exception("after-commit hook failed")
-
-    def _tell_events(self):
-        for fn in self._event_hooks:
-            fn()
+                log.exception("event hook failed")
 
     def _event(self, job_id, kind, data):
         """Queue an event of the job on the running transaction (ops only)."""
@@ -371,7 +400,7 @@ class Journal:
         tx = self._tx
         for attempt in (1, 2):
             op.error = None
-            marks = len(tx.events), len(tx.after_commit), set(tx.fresh)
+            marks = len(tx.events), set(tx.fresh)
             cur.execute(self.sql.savepoint)
             try:
                 op.result = op.fn(cur)
@@ -380,8 +409,8 @@ class Journal:
                 if not isinstance(exc, _DOMAIN_ERRORS) and not self.driver.refuses_statement(exc):
                     raise
                 self._roll_back_op(cur, exc)
-                del tx.events[marks[0]:], tx.after_commit[marks[1]:]
-                tx.fresh = marks[2]
+                del tx.events[marks[0]:]
+                tx.fresh = marks[1]
                 if attempt == 1 and isinstance(exc, self.driver.integrity_errors):
                     continue
                 op.error = exc if isinstance(exc, _DOMAIN_ERRORS) else _refused(exc)
@@ -1102,7 +1131,7 @@ class Journal:
             return False
         cur.execute(self.sql.delete_steps, (job_id,))
         cur.execute(self.sql.delete_callbacks, (job_id,))
-        cur.execute(self.sql.delete_events, (job_id,))
+        cur.execute(self.sql.delete_events, (job_id, _scalar(cur, self.sql.last_event_id) or 0))
         self._tx.deleted.add(job_id)  # an event of it queued in this transaction is dropped
         return True
 

@@ -266,7 +266,7 @@ class Sql:
         self.get_setting = q("SELECT value FROM settings WHERE name = ?")
         self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
         self.touch_setting = q("UPDATE settings SET value = ? WHERE name = ?")
-        self._event_statements(q, dialect.lock_row)
+        self._event_statements(q, dialect)
         # one op of a shared transaction, isolated from the others (after one of them failed)
         self.savepoint = q("SAVEPOINT journal_op")
         self.rollback_to_savepoint = q("ROLLBACK TO SAVEPOINT journal_op")
@@ -289,7 +289,7 @@ class Sql:
             "WHERE job_id IN ({markers}) ORDER BY job_id, seq"))
         self._dashboard_queries(dialect)
 
-    def _event_statements(self, q, lock_row):
+    def _event_statements(self, q, dialect):
         """The events table's statements (eventlog.py): written in batches, read by job and
         in id order, the latter with the job's owner, task and state beside each event."""
         self.insert_event = q("INSERT INTO events (job_id, seq, kind, data) VALUES (?, ?, ?, ?)")
@@ -313,9 +313,12 @@ class Sql:
             f"{scoped} WHERE e.id >= ? AND e.id <= ? ORDER BY e.id LIMIT ?")
         # an event of a change that wrote no job column takes the job's row lock this way,
         # so that the job's last seq is read under it as for every other event
-        self.lock_job = q(f"SELECT id FROM jobs WHERE id = ?{lock_row}")
+        self.lock_job = q(f"SELECT id FROM jobs WHERE id = ?{dialect.lock_row}")
         self.callback_of = q("SELECT job_id, attempts FROM callbacks WHERE id = ?")
-        self.delete_events = q("DELETE FROM events WHERE job_id = ?")
+        # the highest event stays, whoever's it is: its id must never be given again (a
+        # reader that has seen it reads above it); MySQL cannot read the table it deletes from
+        self.delete_events = q("DELETE FROM events WHERE job_id = ? AND id < ?")
+        self.data_version = dialect.data_version
 
     def _per_count(self, made, text):
         """`statement(n)`: `text` with `n` bound `?` markers in place of {markers}: one

@@ -292,3 +292,48 @@ def test_a_huge_progress_note_is_cut_in_its_event(journal):
     note = to_job_event(row).progress
     assert note["done"] == 5 and note["total"] == 9 and len(note["message"]) == 500
     assert len(row.data) < 1000
+
+
+def test_two_journals_on_one_sqlite_file_number_a_jobs_events_in_turn(sqlite_url):
+    """The writer remembers the seqs it numbered, but only while no other connection has
+    written: here the other journal's events come between two of this one's."""
+    first, second = open_journal(sqlite_url), open_journal(sqlite_url)
+    try:
+        job_id = insert(first)
+        [run] = second.claim("other", 1, 60_000)
+        second.finish(job_id, run.lease_token, State.FAILED, error={"type": "E"})
+        first.retry(job_id)  # its memory says seq 1: the file says 3
+        [again] = first.claim("this", 1, 60_000)
+        second.set_progress(job_id, again.lease_token, {"done": 1})
+        barrier(second)
+        first.finish(job_id, again.lease_token, State.SUCCEEDED)
+        events = [(row.seq, to_job_event(row).kind, to_job_event(row).state)
+                  for row in first.job_events(job_id)]
+    finally:
+        first.close()
+        second.close()
+    assert events == [(1, EventKind.STATE, State.QUEUED), (2, EventKind.STATE, State.RUNNING),
+                      (3, EventKind.STATE, State.FAILED), (4, EventKind.STATE, State.QUEUED),
+                      (5, EventKind.STATE, State.RUNNING), (6, EventKind.PROGRESS, None),
+                      (7, EventKind.STATE, State.SUCCEEDED)]
+
+
+def test_a_deleted_jobs_events_go_but_no_id_is_ever_given_twice(db_url):
+    """Ids are the highest plus one: deleting the highest event would give its id again,
+    and a reader that had read it would never see the new event. The highest stays."""
+    journal = open_journal(db_url)
+    try:
+        older, newest = insert(journal), insert(journal)
+        for job_id in (older, newest):
+            journal.cancel(job_id)
+        top = journal.last_event_id()
+        reader = EventCursor(journal, after=top)
+        journal.delete_job(older)
+        journal.delete_job(newest)  # it holds the highest event
+        assert journal.job_events(older) == []
+        assert [row.id for row in journal.job_events(newest)] == [top]  # kept, alone
+        fresh = insert(journal)
+        assert [row.job_id for row, _floor in reader.read()] == [fresh]
+        assert journal.events_after(0, scoped=True)[0].owner is None  # an orphan reads as gone
+    finally:
+        journal.close()
