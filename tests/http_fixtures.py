@@ -77,7 +77,7 @@ def serving(app, threads=8):
 
     def run():
         while not stop.is_set():
-            wasyncore.loop(timeout=0.05, map=httpd._map, count=1)
+            httpd.asyncore.loop(timeout=0.05, map=httpd._map, count=1)  # the server's loop
         wasyncore.close_all(httpd._map)
 
     thread = threading.Thread(target=run, name="test-waitress", daemon=True)

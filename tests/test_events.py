@@ -20,6 +20,7 @@ from jobserver import JobServer, Registry
 from jobserver.auth import create_token
 from jobserver.client import Client
 from jobserver.http import create_app
+from jobserver.httpserver import QuietChannel
 
 DEMO = ["jobserver.demo"]
 #: quick pings so that a client gone is noticed within a test's patience
@@ -378,3 +379,27 @@ def test_a_stream_renders_under_the_admission_turn(sqlite_url):
             assert b'"done":1' in read_until(sock, b"event: progress", timeout=5)
         finally:
             sock.close()
+
+
+def test_an_open_stream_costs_the_loop_no_call_at_each_turn(sqlite_url, monkeypatch):
+    """waitress's loop asks every connection readable() and writable() at every turn; a
+    connection serving a stream answers no for minutes, and 200 of them cost single-job
+    POSTs a quarter of their throughput. The loop skips them at the cost of one test."""
+    asked = []
+    readable = QuietChannel.readable
+    monkeypatch.setattr(QuietChannel, "readable", lambda self: asked.append(bool(self.requests))
+                        or readable(self))
+    with launch(sqlite_url, tasks=DEMO, stream_ping=30) as live:
+        job_id = submit(live, "demo.sleep", {"seconds": 30})
+        streams = [SseStream(live.url(f"/jobs/{job_id}/events")) for _ in range(6)]  # of the 8 threads
+        try:
+            for stream in streams:
+                stream.block()
+            time.sleep(0.3)
+            asked.clear()
+            time.sleep(1.0)  # the test loop turns every 0.05 s: ~20 turns
+            assert sum(asked) == 0, "a connection serving a stream was asked at each turn"
+            assert live.get(f"/jobs/{job_id}").status_code == 200  # the others are served
+        finally:
+            for stream in streams:
+                stream.close()
