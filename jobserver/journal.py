@@ -61,7 +61,7 @@ WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
 
 
 #: seconds between two progress events of one run (the job's row takes every note)
-PROGRESS_EVENT_EVERY = 0.25
+PROGRESS_EVENT_EVERY = 0.5
 #: rows of the events table one read returns at most
 EVENT_PAGE = 500
 #: jobs whose last event's seq the writer keeps in memory at most (SQLite)
