@@ -42,6 +42,31 @@ class Gate:
             _local.gate = None
             self._turns.put(None)
 
+    def turn(self):
+        """`with gate.turn():` this thread holds a turn inside the block, taken at its start
+        and given back at its end (if the thread held none before): a streamed response
+        renders under it and waits for its next event outside it."""
+        return _Turn(self)
+
+
+class _Turn:
+    __slots__ = ("_gate", "_took")
+
+    def __init__(self, gate):
+        self._gate = gate
+        self._took = False
+
+    def __enter__(self):
+        self._took = getattr(_local, "gate", None) is None
+        if self._took:
+            self._gate.enter()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._took:
+            self._gate.leave()
+        return False
+
 
 class waiting:
     """`with waiting():` around a blocking wait: the thread's turn goes to another meanwhile."""

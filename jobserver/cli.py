@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from .auth import create_token, is_loopback_host
-from .client import Client, ClientError, RemoteJobError
+from .client import TERMINAL, Client, ClientError, ProblemError, RemoteJobError
 from .config import Config
 from .errors import JobserverError, JournalUnavailable
 from .http import create_app
@@ -91,6 +91,9 @@ HTTP_FLAGS = (
     Flag("insecure-open", _boolean, "allow a non-loopback host with no tokens (open mode)", switch=True),
     Flag("cors-origin", help="a web origin (scheme://host[:port]) whose pages may call the API "
          "from a browser; repeatable", many=True),
+    Flag("stream-slots", int, "event streams open at once (served by as many more waitress threads)"),
+    Flag("stream-lifetime", float, "seconds an event stream stays open before the client resumes"),
+    Flag("stream-ping", float, "seconds of silence before an event stream sends a ping"),
 )
 
 
@@ -205,8 +208,9 @@ def serve(config):
     try:
         # waitress buffers a whole body before the app sees it: bound that too, well above
         # max_body so that ordinary oversize bodies still get the app's problem+json 413
+        # streams hold a thread each for minutes: they get threads of their own
         http = create_http_server(create_app(server), host=config.host, port=config.port,
-                                  threads=config.threads, ident="jobserver",
+                                  threads=config.threads + config.stream_slots, ident="jobserver",
                                   max_request_body_size=max(4 * config.max_body, 8 * 1024 * 1024),
                                   max_connections=config.max_connections,
                                   idle_timeout=config.idle_timeout,
@@ -288,6 +292,80 @@ def _print_json(value):
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+class ProgressLine:
+    """What `--wait` shows while the job runs: its state, done/total and current step. On a
+    terminal, one line rewritten in place (`\r`); elsewhere a plain line per change, on
+    stderr (stdout keeps only the job's JSON, for pipes)."""
+
+    def __init__(self, out, live):
+        self.out = out
+        self.live = live
+        self.shown = None
+        self.state, self.progress, self.step = None, None, None
+
+    def update(self, event):
+        data = event.data
+        if event.kind == "snapshot":
+            self.state, self.progress = data.get("state"), data.get("progress")
+            running = [s["name"] for s in data.get("steps") or () if s.get("state") == "running"]
+            self.step = running[-1] if running else None
+        elif event.kind == "state":
+            self.state = data.get("state")
+        elif event.kind == "progress":
+            self.progress = data.get("progress")
+        elif event.kind == "step":
+            self.step = data.get("step") if data.get("step_state") == "running" else None
+        self.show()
+
+    def text(self):
+        parts = [self.state or "?"]
+        progress = self.progress if isinstance(self.progress, dict) else {}
+        done, total = progress.get("done"), progress.get("total")
+        if done is not None:
+            parts.append(f"{done}/{total}" if total is not None else f"{done}")
+        if self.step:
+            parts.append(f"[{self.step}]")
+        if progress.get("message"):
+            parts.append(str(progress["message"])[:60])
+        return " ".join(str(p) for p in parts)
+
+    def show(self):
+        text = self.text()
+        if text == self.shown:
+            return
+        self.shown = text
+        if self.live:
+            self.out.write("\r" + text + "\x1b[K")  # back to the line's start, clear the rest
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def close(self):
+        if self.live and self.shown is not None:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def follow(client, handle, seconds):
+    """Show the job's progress (ProgressLine) until it ends or `seconds` pass (None: no
+    limit), from its event stream; a server without one is long-polled instead."""
+    live = sys.stdout.isatty()
+    line = ProgressLine(sys.stdout if live else sys.stderr, live)
+    try:
+        for event in handle.events(timeout=seconds):
+            line.update(event)
+    except ProblemError as exc:
+        if exc.status not in (404, 405) or exc.type != "about:blank":
+            raise  # the job is gone, or the caller may not see it: say so
+        try:
+            handle.wait(seconds)  # a server without event streams
+        except TimeoutError:
+            pass  # the caller says what a job still running after `seconds` means
+    finally:
+        line.close()
+    return handle.refresh()
+
+
 def cmd_submit(client, args):
     params = parse_assignments(args.params, args.json)
     options = {"priority": args.priority, "delay": args.delay, "max_retries": args.max_retries,
@@ -297,13 +375,19 @@ def cmd_submit(client, args):
     if args.wait is None:
         _print_json(handle.job)
         return 0
-    handle.wait(None if args.wait < 0 else args.wait)
+    seconds = None if args.wait < 0 else args.wait
+    follow(client, handle, seconds)
+    if handle.job["state"] not in TERMINAL:
+        raise TimeoutError(f"job {handle.id} is still {handle.job['state']} after {seconds} s")
     _print_json(handle.job)
     return 0 if handle.job["state"] == "succeeded" else 1
 
 
 def cmd_status(client, args):
-    _print_json(client.get(args.id, wait=args.wait))
+    if not args.wait or args.wait <= 0:
+        _print_json(client.get(args.id))
+        return 0
+    _print_json(follow(client, client.handle(args.id), args.wait).job)
     return 0
 
 

@@ -5,8 +5,15 @@
     job.get(timeout=30)      # the result, or raises RemoteJobError / TimeoutError
 
 It speaks only the HTTP API of docs/api.md (requests + stdlib), so it knows nothing of
-the server's internals. Every request carries a timeout."""
+the server's internals. Every request carries a timeout.
+
+    for event in job.events():   # GET /jobs/{id}/events, resumed after a dropped connection
+        print(event.kind, event.data)
+"""
+import json
 import time
+from collections.abc import Iterator
+from typing import NamedTuple
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -18,6 +25,20 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 LONG_POLL = 30.0
 SUBMIT_OPTIONS = frozenset({"priority", "delay", "max_retries", "timeout", "idempotency_key",
                             "callback_url"})
+#: seconds without a byte after which a stream counts as dropped (the server pings every 15)
+STREAM_READ_TIMEOUT = 60.0
+#: seconds a stream keeps trying to reconnect before it gives up (a restart takes a few)
+STREAM_RECONNECT_FOR = 60.0
+MAX_EVENT_LINE = 1024 * 1024 + 4096  # bytes: a snapshot holds the job's documents
+
+
+class StreamEvent(NamedTuple):
+    """One Server-Sent Event of a job's stream: `kind` (snapshot, state, progress, step,
+    callback), its `id` (what a resume sends back; None for some snapshots) and `data`
+    (the job, for a snapshot; else {"job_id", "seq", ...} as docs/events.md lists)."""
+    kind: str
+    id: str | None
+    data: dict
 
 
 class ClientError(Exception):
@@ -134,6 +155,22 @@ class JobHandle:
         self.job = self.client.retry(self.id)
         return self
 
+    def events(self, after=None, timeout=None) -> Iterator[StreamEvent]:
+        """The job's events as they happen (GET /jobs/{id}/events): a snapshot first (unless
+        resuming `after` an event id), then state, progress, step and callback events.
+
+        A dropped connection (or a server restart) is resumed with Last-Event-ID, so no
+        event is lost or repeated; the iterator ends after the job's terminal state, or
+        after `timeout` seconds (None: no limit). The handle's `job` follows the events."""
+        for event in self.client.job_events(self.id, after=after, timeout=timeout):
+            if event.kind == "snapshot":
+                self.job = event.data
+            elif event.kind == "state":
+                self.job = dict(self.job, state=event.data["state"])
+            elif event.kind == "progress":
+                self.job = dict(self.job, progress=event.data["progress"])
+            yield event
+
 
 def base_url(url: str) -> str:
     """`url` as the client's base: `127.0.0.1:8080` or `localhost:8080` mean http://...;
@@ -218,6 +255,55 @@ class Client:
     def tasks(self):
         return self._request("GET", "/tasks")
 
+    def job_events(self, job_id, after=None, timeout=None, *, read_timeout=STREAM_READ_TIMEOUT,
+                   reconnect_for=STREAM_RECONNECT_FOR) -> Iterator[StreamEvent]:
+        """The events of a job's stream (see JobHandle.events): resumed after a dropped
+        connection with Last-Event-ID, waiting the server's `retry:` between tries, for up
+        to `reconnect_for` seconds of failures in a row (then ConnectionFailed); ends after
+        the terminal state, on 204 (nothing more to come) or after `timeout` seconds."""
+        url = self.url + self._job_path(job_id) + "/events"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_id = None if after is None else str(after)
+        retry_s, failing_since = 3.0, None
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            headers = {"Accept": "text/event-stream"}
+            if last_id is not None:
+                headers["Last-Event-ID"] = last_id
+            read_for = read_timeout if remaining is None else min(read_timeout, max(remaining, 0.05))
+            try:
+                with self.session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                      timeout=(self.timeout, read_for)) as response:
+                    if response.status_code == 204:
+                        return
+                    if response.status_code >= 300:
+                        if response.status_code < 500:
+                            raise _problem(response)
+                        raise ConnectionFailed(f"GET {url}: HTTP {response.status_code}")
+                    failing_since = None
+                    for event, event_id, retry in _sse(response):
+                        if retry is not None:
+                            retry_s = retry / 1000
+                        if event_id is not None:
+                            last_id = event_id
+                        if event is None:
+                            continue
+                        yield event
+                        if event.kind in ("state", "snapshot") and event.data.get("state") in TERMINAL:
+                            return  # the stream ends after the terminal state
+            except (requests.RequestException, ConnectionFailed) as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > reconnect_for:
+                    raise ConnectionFailed(f"GET {url}: {exc}") from exc
+            # closed (its lifetime) or dropped: come back as an EventSource would, after `retry:`
+            pause = retry_s if deadline is None else min(retry_s, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+
     def health(self):
         return self._request("GET", "/healthz")
 
@@ -243,6 +329,40 @@ class Client:
         except ValueError as exc:
             raise ProblemError(response.status_code, "Bad response",
                                "the server did not answer with JSON") from exc
+
+
+def _sse(response):
+    """(StreamEvent or None, its id, retry ms or None) for each block of a text/event-stream
+    body (the WHATWG framing: `field: value` lines, a blank line ends a block, `:` a comment).
+    A block with no data (a ping with an id) gives None with the id."""
+    kind, data, event_id, retry = "message", [], None, None
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        if len(buffer) > MAX_EVENT_LINE and b"\n" not in buffer:
+            raise ConnectionFailed("the event stream sent a line too long to be an event")
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8")
+            if not line:
+                if data:
+                    yield StreamEvent(kind, event_id, json.loads("\n".join(data))), event_id, retry
+                elif retry is not None or event_id is not None:
+                    yield None, event_id, retry
+                kind, data, retry = "message", [], None
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                event_id = value
+            elif name == "retry" and value.isdigit():
+                retry = int(value)
 
 
 def _problem(response):

@@ -40,6 +40,14 @@ class Config:
     header_timeout: float = 10.0
     #: seconds a client has to send a whole request, its body included (counted alike)
     body_timeout: float = 60.0
+    #: event streams (GET /events, GET /jobs/{id}/events) open at once; `jobserver serve` runs
+    #: this many waitress threads more than `threads`, so that streams never take the API's
+    stream_slots: int = 32
+    #: seconds a stream stays open (a tenth less at random) before the server closes it
+    #: and the client resumes
+    stream_lifetime: float = 300.0
+    #: seconds of silence after which a stream sends `: ping` (and notices a client gone)
+    stream_ping: float = 15.0
     #: serve without tokens on a non-loopback address
     insecure_open: bool = False
     #: task modules to import at start (they register with @task)

@@ -54,9 +54,11 @@ from .errors import (
     UnknownTask,
     WriteRefused,
 )
-from .ids import new_request_id
+from .ids import format_ms, new_request_id
 from .metrics import UNMATCHED
+from .streams import Streams
 from .strictjson import StrictJsonError, parse_strict
+from .tickets import Tickets
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _READ_CHUNK = 64 * 1024
 _REQUEST_ID_KEY = "jobserver.request_id"  # where a request's id lives in its WSGI environ
 _OWN_ACCESS = frozenset({"healthz", "metrics"})  # endpoints that check their callers themselves
+_STREAMS = (".job_events", ".all_events")  # endpoints that take ?ticket= (and stay open)
+_SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+_EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
 _encode = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 
 # exception class -> (status, problem name, title, detail); the first match in this order
@@ -142,6 +147,9 @@ def api_blueprint(server, name="jobserver", *, request_ids=True):
     bp.add_url_rule("/tasks", "tasks", api.tasks, methods=["GET"])
     bp.add_url_rule("/healthz", "healthz", api.healthz, methods=["GET"])
     bp.add_url_rule("/metrics", "metrics", api.metrics, methods=["GET"])
+    bp.add_url_rule("/tickets", "tickets", api.create_ticket, methods=["POST"])
+    bp.add_url_rule("/jobs/<job_id>/events", "job_events", api.job_events, methods=["GET"])
+    bp.add_url_rule("/events", "all_events", api.all_events, methods=["GET"])
     _dashboard_routes(bp, api)
     return bp
 
@@ -251,22 +259,38 @@ class Api:
         self._metrics = server.metrics
         # None unless --cors-origin names origins: then the hooks below cost nothing
         self.cors = CorsPolicy(self.config.cors_origin) or None
+        self.tickets = Tickets(server.journal)
+        self.streams = Streams(server, self.gate, _encode)
 
     def begin_request(self):
         """Answer a CORS preflight at once (no token: a browser sends none with it); else
         wait for a turn, then, on every route but /healthz and /metrics (which check their
-        callers themselves), refuse while draining and identify the caller."""
+        callers themselves), refuse while draining and identify the caller (on the event
+        streams by a ?ticket= too, and a draining server's streams answer themselves: an
+        EventSource gives up for good on a 503)."""
         if self.cors is not None and request.method == "OPTIONS":
             preflight = self._preflight()
             if preflight is not None:
                 return preflight
         self.gate.enter()
-        if request.endpoint.rpartition(".")[2] in _OWN_ACCESS:
+        endpoint = request.endpoint
+        if endpoint.rpartition(".")[2] in _OWN_ACCESS:
+            return None
+        if endpoint.endswith(_STREAMS):
+            g.principal = self._stream_caller()
             return None
         if not self.server.accepting:  # draining: send clients elsewhere or back later
             raise ServerClosed("the server is shutting down")
         g.principal = self.auth.identify(request.environ.get("HTTP_AUTHORIZATION"))
         return None
+
+    def _stream_caller(self):
+        """A stream's caller: the one its ?ticket= names, else its Authorization header's.
+        (No other route reads a ticket: there it is no credential.)"""
+        ticket = request.args.get("ticket")
+        if ticket is not None:
+            return self.tickets.verify(ticket)
+        return self.auth.identify(request.environ.get("HTTP_AUTHORIZATION"))
 
     def end_request(self, _exc=None):
         """Give the turn back (teardown: runs whatever happened to the request)."""
@@ -398,6 +422,64 @@ class Api:
         """POST /jobs/<id>/callback/retry: deliver a failed callback again; 409 if none failed."""
         _check_id(job_id)
         return json_response(self.server.retry_callback(job_id, owner=g.principal.scope), 202)
+
+    def create_ticket(self):
+        """POST /tickets: 201 {"ticket", "expires_at"}, a short-lived stand-in for the
+        caller's token that only the event streams accept, as ?ticket= (tickets.py)."""
+        ticket, expires_ms = self.tickets.issue(g.principal)
+        return json_response({"ticket": ticket, "expires_at": format_ms(expires_ms)}, 201)
+
+    def job_events(self, job_id):
+        """GET /jobs/<id>/events: the job's events as Server-Sent Events (streams.py);
+        204 for a resume at or past the end of a job that has ended."""
+        _check_id(job_id)
+        if not self.server.accepting:
+            return self._event_stream(200, self.streams.come_back_later())
+        status, body = self.streams.job_stream(job_id, g.principal.scope, self._resume_point(),
+                                               request.environ.get("waitress.client_disconnected"))
+        return self._event_stream(status, body)
+
+    def all_events(self):
+        """GET /events: the events of the caller's jobs (an admin's: everyone's), filtered
+        by task, state and queue, as Server-Sent Events (streams.py)."""
+        if not self.server.accepting:
+            return self._event_stream(200, self.streams.come_back_later())
+        args = request.args
+        filters = {name: args.get(name) or None for name in ("task", "state", "queue")}
+        for name, value in filters.items():
+            if value is not None and len(value) > 200:
+                raise BadRequest(f"'{name}' is at most 200 characters")
+        try:
+            status, body = self.streams.all_stream(
+                g.principal.scope, after=self._resume_point(),
+                disconnected=request.environ.get("waitress.client_disconnected"), **filters)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return self._event_stream(status, body)
+
+    @staticmethod
+    def _resume_point():
+        """Where a stream resumes: Last-Event-ID (what a browser sends back), else ?after=;
+        None: afresh. A bad ?after= is 400; a Last-Event-ID this server did not send is
+        ignored (an EventSource would stop for good on a 400)."""
+        given = request.args.get("after")
+        if given is not None and given != "":
+            if not _EVENT_ID.match(given):
+                raise BadRequest("'after' is an event id: digits")
+            return int(given)
+        header = request.environ.get("HTTP_LAST_EVENT_ID", "").strip()
+        return int(header) if _EVENT_ID.match(header) else None
+
+    @staticmethod
+    def _event_stream(status, body):
+        if status == 204:
+            response = current_app.response_class(status=204)
+            del response.headers["Content-Type"]  # no body, no type
+        else:
+            response = current_app.response_class(body, status=status, content_type="text/event-stream")
+            response.headers.update(_SSE_HEADERS)
+        response.headers["X-Request-Id"] = request_id()
+        return response
 
     def tasks(self):
         """GET /tasks: {"tasks": [{"name", "max_retries", "timeout", ...}]}."""

@@ -10,6 +10,13 @@ lease token: `WHERE id=? AND state='running' AND lease_token=?`, row count check
 Times are integer milliseconds since the epoch, taken from the database's clock.
 
 Reads give `model.Job` values; which state changes are allowed is model.TRANSITIONS.
+
+Every change of a job also writes its event (eventlog.py) in the same transaction: the
+ops queue them on the transaction, and the batch inserts them in one statement at its
+end, each numbered after the job's last (read under the job's row lock, which the op's
+own UPDATE holds). Progress events are rate-limited per run (PROGRESS_EVENT_EVERY): a
+task reporting in a tight loop still updates its row at each commit, but journals a few
+events a second, the last one always (on a timer, or before the run's next event).
 """
 import functools
 import logging
@@ -34,10 +41,12 @@ from .errors import (
     TokenExists,
     WriteRefused,
 )
+from .eventlog import EventRow, data_callback, data_progress, data_state, data_step
 from .groupcommit import GroupCommitter
 from .ids import lowest_id_at, new_callback_id
 from .journal_sql import ENDED, JOB_COLUMNS, MAX_IDS, MIGRATIONS, MYSQL_EXACT_COLLATION, SCHEMA_VERSION, Sql
 from .model import TERMINAL, TRANSITIONS, Action, Job, State, StepSummary
+from .timer import Timer
 
 __all__ = ["Journal", "open_journal", "Page", "Recovery", "UserTransaction", "State", "TERMINAL",
            "SCHEMA_VERSION"]
@@ -51,21 +60,34 @@ WRITE_PROBE = "write_probe"  # the settings row that Journal.writable() rewrites
 WRITE_PROBE_SECONDS = 2.0  # how long a write probe's outcome stands
 
 
+#: seconds between two progress events of one run (the job's row takes every note)
+PROGRESS_EVENT_EVERY = 0.5
+#: rows of the events table one read returns at most
+EVENT_PAGE = 500
+#: jobs whose last event's seq the writer keeps in memory at most (SQLite)
+MAX_REMEMBERED_SEQS = 100_000
+
 _DOMAIN_ERRORS = (IdempotencyConflict, InvalidTransition, LeaseLost, TokenExists)  # an op's own answer, not a failure
 _BATCH_ATTEMPTS = 12  # transient failures (busy, deadlock) of one batch before it gives up: ~6 s
 
 
 class _Tx:
-    """What the operations of one write transaction share: the clock, read once, and the
-    job rows they submitted (with their idempotency keys), inserted together at the end —
-    or, `isolated`, each op's rows inside its own savepoint."""
-    __slots__ = ("now", "rows", "keys", "isolated")
+    """What the operations of one write transaction share: the clock, read once, the
+    job rows they submitted (with their idempotency keys) and the events they report,
+    inserted together at the end — or, `isolated`, each op's inside its own savepoint.
+    `fresh`: the ids of jobs submitted in it (their events are numbered from 1);
+    `numbered`: the last seq of each job it wrote events of (None: it wrote none)."""
+    __slots__ = ("now", "rows", "keys", "isolated", "events", "fresh", "deleted", "numbered")
 
     def __init__(self, isolated):
         self.now = None
         self.rows = []
         self.keys = {}
         self.isolated = isolated
+        self.events = []  # (job id, kind, data)
+        self.fresh = set()
+        self.deleted = set()  # jobs deleted in it: no event of theirs is inserted
+        self.numbered = None
 
 
 class _Isolate(Exception):
@@ -73,6 +95,7 @@ class _Isolate(Exception):
     it again with each op under its own savepoint, so that op fails alone."""
 
 
+_QUEUED = data_state(State.QUEUED)  # the event of a submit, a retry, a job given back
 _job_values = operator.itemgetter(*JOB_COLUMNS)  # a job dict as the INSERT's parameters
 _ID, _STATE, _ATTEMPTS, _LEASE_OWNER, _LEASE_TOKEN, _PARAMS, _PROGRESS, _RESULT, _ERROR = (
     JOB_COLUMNS.index(name) for name in ("id", "state", "attempts", "lease_owner", "lease_token",
@@ -177,6 +200,15 @@ class Journal:
         self._tx = None  # the _Tx of the transaction the committer thread is running
         self._progress = {}  # (job id, lease token) -> newest progress note not yet written
         self._progress_lock = threading.Lock()
+        # progress events, touched by ops only (the committer thread): when each run last
+        # journaled one, and the newest note a run owes its stream (held back by the limit)
+        self._progress_at = {}
+        self._owed = {}
+        self._timer = Timer("jobserver-progress-events")
+        self._event_hooks = []
+        # SQLite: the last seq of the jobs whose events this process numbered (_last_seqs)
+        self._seqs = {} if self.sql.data_version is not None else None
+        self._seqs_version = None
         self._closed = False
         self._write_probe = (float("-inf"), None)  # (monotonic time, error or None) of the last probe
         self._write_probe_lock = threading.Lock()
@@ -187,8 +219,14 @@ class Journal:
         if self._closed:
             return
         self._closed = True
+        self._timer.close()  # owed progress events go into the last commits
         self._writer.close()
         self.driver.close()
+
+    def on_events(self, fn):
+        """`fn()` after each commit that wrote events (on the committer thread: quick, no
+        waiting). Streams in this process are woken by it; others read the table."""
+        self._event_hooks.append(fn)
 
     def _read(self, fn):
         # as writes do: a closed SQLite connection would raise sqlite3.ProgrammingError,
@@ -223,8 +261,10 @@ class Journal:
         A transient failure (busy, deadlock) runs the batch again after a backoff."""
         isolated, delay = False, 0.005
         for _attempt in range(_BATCH_ATTEMPTS):
+            done = []  # the committed transaction's after-commit list
             try:
-                self.driver.write_transaction(functools.partial(self._apply, batch, isolated))
+                self.driver.write_transaction(functools.partial(self._apply, batch, isolated, done))
+                self._committed(done)
                 return
             except _Isolate:
                 isolated = True
@@ -253,10 +293,12 @@ class Journal:
             except JournalUnavailable as single:
                 op.error = single
 
-    def _apply(self, batch, isolated, cur):
-        """Run a batch's operations, then the job inserts they queued, as one statement;
-        `isolated`, each op under its own savepoint with its inserts."""
+    def _apply(self, batch, isolated, done, cur):
+        """Run a batch's operations, then the job inserts they queued, as one statement,
+        then their events, as another; `isolated`, each op under its own savepoint with
+        its inserts and events. `done` gets the transaction's after-commit list."""
         tx = self._tx = _Tx(isolated)
+        done[:] = [tx]
         try:
             if isolated:
                 for op in batch:
@@ -270,13 +312,78 @@ class Journal:
                     op.error = exc
                 except Exception as exc:
                     self._isolate_if_refused(exc)
-            if tx.rows:
-                try:
+            try:
+                if tx.rows:  # e.g. another process took one of our idempotency keys
                     cur.executemany(self.sql.insert_job, tx.rows)
-                except Exception as exc:  # e.g. another process took one of our idempotency keys
-                    self._isolate_if_refused(exc)
+                self._insert_events(cur, tx)
+            except Exception as exc:
+                self._isolate_if_refused(exc)
         finally:
             self._tx = None
+
+    def _insert_events(self, cur, tx):
+        """Insert the events the transaction's ops queued, each numbered after its job's
+        last: one statement for the numbers (none for jobs submitted in this transaction)
+        and one for the rows. The ops hold each job's row lock already (their UPDATE took
+        it), so on MySQL no other transaction can number an event of these jobs meanwhile."""
+        if tx.deleted:
+            tx.events[:] = [event for event in tx.events if event[0] not in tx.deleted]
+        if not tx.events:
+            return
+        fresh = tx.fresh
+        known = [job_id for job_id in {event[0] for event in tx.events} if job_id not in fresh]
+        last = self._last_seqs(cur, tx, known) if known else {}
+        rows = []
+        for job_id, kind, data in tx.events:
+            seq = last[job_id] = (last.get(job_id) or 0) + 1
+            rows.append((job_id, seq, kind, data))
+        cur.executemany(self.sql.insert_event, rows)
+        tx.events.clear()
+        if tx.numbered is None:
+            tx.numbered = last
+        else:
+            tx.numbered.update(last)
+
+    def _last_seqs(self, cur, tx, job_ids):
+        """{job id: the seq of its last event} for these jobs (absent: none yet): one query
+        per MAX_IDS jobs. On SQLite, the numbers this process committed last stand in for
+        the query while no other connection has written since (PRAGMA data_version says):
+        a claim or a finish then costs the events table no read."""
+        last, missing = {}, job_ids
+        cache = self._seqs
+        if cache is not None:
+            version = _scalar(cur, self.sql.data_version)
+            if version != self._seqs_version or tx.isolated:
+                cache.clear()  # another connection wrote, or isolated ops commit apart
+                self._seqs_version = None if tx.isolated else version
+            if cache:
+                last = {job_id: cache[job_id] for job_id in job_ids if job_id in cache}
+                missing = [job_id for job_id in job_ids if job_id not in last]
+        for start in range(0, len(missing), MAX_IDS):
+            chunk = missing[start:start + MAX_IDS]
+            cur.execute(self.sql.last_seqs(len(chunk)), chunk)
+            last.update(cur.fetchall())
+        return last
+
+    def _committed(self, done):
+        """After a commit that wrote events: remember their numbers (SQLite) and wake this
+        process's streams."""
+        tx = done[0] if done else None
+        if tx is None or tx.numbered is None:
+            return
+        if self._seqs is not None and not tx.isolated:
+            if len(self._seqs) > MAX_REMEMBERED_SEQS:
+                self._seqs.clear()
+            self._seqs.update(tx.numbered)
+        for fn in self._event_hooks:
+            try:
+                fn()
+            except Exception:  # a hook's bug must not fail ops that committed
+                log.exception("event hook failed")
+
+    def _event(self, job_id, kind, data):
+        """Queue an event of the job on the running transaction (ops only)."""
+        self._tx.events.append((job_id, kind, data))
 
     def _isolate_if_refused(self, exc):
         """Raise _Isolate for one op's own failure; re-raise the transaction's (the driver
@@ -290,15 +397,20 @@ class Journal:
 
         A job insert that hits a unique key runs once more: another process has just
         committed that idempotency key, and the op now finds it (a repeat, or a conflict)."""
+        tx = self._tx
         for attempt in (1, 2):
             op.error = None
+            marks = len(tx.events), set(tx.fresh)
             cur.execute(self.sql.savepoint)
             try:
                 op.result = op.fn(cur)
+                self._insert_events(cur, tx)
             except Exception as exc:
                 if not isinstance(exc, _DOMAIN_ERRORS) and not self.driver.refuses_statement(exc):
                     raise
                 self._roll_back_op(cur, exc)
+                del tx.events[marks[0]:]
+                tx.fresh = marks[1]
                 if attempt == 1 and isinstance(exc, self.driver.integrity_errors):
                     continue
                 op.error = exc if isinstance(exc, _DOMAIN_ERRORS) else _refused(exc)
@@ -440,6 +552,8 @@ class Journal:
                     keys[key] = made
                 out.append((made, True))
                 fresh.append(values)
+                tx.fresh.add(made.id)
+                tx.events.append((made.id, "state", _QUEUED))
             # nothing is written until every job of this submit passed: the batch's inserts
             # go in as one statement at the end of the transaction (isolated: here, inside
             # this op's savepoint)
@@ -544,6 +658,38 @@ class Journal:
         with waiting():  # a page of big results is a long read: let polls pass meanwhile
             return self._read(read)
 
+    # --- events -----------------------------------------------------------------------
+    def job_events(self, job_id, after=0, limit=EVENT_PAGE):
+        """The job's events numbered above `after`, in order: at most `limit` EventRows."""
+        rows = self._read(lambda cur: _fetch_all(cur, self.sql.job_events, (job_id, after, limit)))
+        return [EventRow(*row) for row in rows]
+
+    def last_seq(self, job_id):
+        """The number of the job's last event (0: none)."""
+        return self._read(lambda cur: _scalar(cur, self.sql.last_seq, (job_id,))) or 0
+
+    def last_event_id(self):
+        """The highest event id (0: none yet)."""
+        return self._read(lambda cur: _scalar(cur, self.sql.last_event_id)) or 0
+
+    def event_ids_after(self, after, limit=EVENT_PAGE):
+        """The ids of events above `after`, in order (a reader's starting view of them)."""
+        return [row[0] for row in self._read(
+            lambda cur: _fetch_all(cur, self.sql.event_ids_after, (after, limit)))]
+
+    def events_after(self, after, limit=EVENT_PAGE, scoped=False):
+        """Every job's events above id `after`, in id order; `scoped`, with their jobs'
+        owner, task and state (to filter a stream by)."""
+        sql = self.sql.scoped_events_after if scoped else self.sql.events_after
+        return [EventRow(*row) for row in self._read(
+            lambda cur: _fetch_all(cur, sql, (after, limit)))]
+
+    def events_between(self, low, high, limit=EVENT_PAGE, scoped=False):
+        """Events with ids from `low` to `high` (both included), in id order."""
+        sql = self.sql.scoped_events_between if scoped else self.sql.events_between
+        return [EventRow(*row) for row in self._read(
+            lambda cur: _fetch_all(cur, sql, (low, high, limit)))]
+
     # --- claim, lease, finish ---------------------------------------------------------
     def claim(self, node, limit, lease_ms):
         """Take up to `limit` due queued jobs for `node`, best priority first, in one transaction.
@@ -555,15 +701,18 @@ class Journal:
             if not rows:
                 return []
             cur.execute(self.sql.claim_update(len(rows)), (node, lease_ms, *[r[_ID] for r in rows]))
-            jobs = []
+            claimed = []
             for row in rows:
                 try:
-                    jobs.append(_claimed(row, node))
+                    claimed.append(_claimed(row, node))
                 except (ValueError, KeyError, TypeError) as exc:
                     # a row this code cannot read (a document that is not JSON, a state it does
                     # not know) fails alone: failing the claim would stop every claim behind it
                     self._fail_unreadable(cur, row, exc)
-            return jobs
+            events = self._tx.events
+            for job in claimed:
+                events.append((job.id, "state", data_state(State.RUNNING, attempt=job.attempts)))
+            return claimed
         return self._write(op)
 
     def _fail_unreadable(self, cur, row, exc):
@@ -606,6 +755,8 @@ class Journal:
                 with self._progress_lock:
                     taken.append(self._progress.pop(key))
             cur.execute(self.sql.progress, (taken[0], job_id, token))
+            if cur.rowcount:
+                self._progress_event(key, taken[0])
 
         def on_done(_result, error):
             if error is None:
@@ -622,6 +773,51 @@ class Journal:
             with self._progress_lock:
                 self._progress.pop(key, None)
             raise
+
+    def _progress_event(self, key, text):
+        """Journal a run's progress event, or owe it if the run journaled one less than
+        PROGRESS_EVENT_EVERY ago: the newest owed note is journaled when the time is up,
+        or before the run's next event, whichever comes first (ops only)."""
+        now = time.monotonic()
+        last = self._progress_at.get(key)
+        if last is None or now - last >= PROGRESS_EVENT_EVERY:
+            if len(self._progress_at) >= 4096:  # runs ended elsewhere leave theirs: drop the stale
+                self._progress_at = {k: t for k, t in self._progress_at.items()
+                                     if now - t < PROGRESS_EVENT_EVERY}
+            self._progress_at[key] = now
+            self._owed.pop(key, None)
+            self._event(key[0], "progress", data_progress(text))
+            return
+        if key not in self._owed:
+            self._timer.at(last + PROGRESS_EVENT_EVERY, functools.partial(self._pay_later, key))
+        self._owed[key] = text
+
+    def _pay_owed(self, key, ending=False):
+        """Before another event of the run: journal the progress event it owes, if any;
+        `ending`, the run ends here and its rate state goes (ops only)."""
+        if ending:
+            self._progress_at.pop(key, None)
+        if self._owed:
+            text = self._owed.pop(key, None)
+            if text is not None:
+                self._event(key[0], "progress", data_progress(text))
+
+    def _pay_later(self, key):
+        """The timer's half of _progress_event: a write that journals what the run owes,
+        if it still owes it and still holds the job (the progress UPDATE is its fence)."""
+        def op(cur):
+            text = self._owed.get(key)
+            if text is None:
+                return
+            cur.execute(self.sql.progress, (text, *key))
+            if cur.rowcount:
+                self._progress_event(key, text)
+            else:
+                self._owed.pop(key, None)
+        try:
+            self._writer.cast(op)
+        except ServerClosed:
+            pass  # closing: the note is in the job's row; its event is lost with the stream
 
     def _fence(self, cur, job_id, token):
         cur.execute(self.sql.touch, (job_id, token))
@@ -641,12 +837,18 @@ class Journal:
         error_text = None if error is None else dumps(error)
         self._refuse_oversize("the job's result", result_text, error_text)
 
+        error_type = None if error is None else error.get("type")
+
         def op(cur):
             cur.execute(self.sql.finish, (state.value, result_text, error_text, job_id, token))
             if cur.rowcount == 0:
                 raise LeaseLost(job_id)
+            delivery = None
             if callback:
                 cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
+                delivery = "pending" if cur.rowcount else None
+            self._pay_owed((job_id, token), ending=True)
+            self._event(job_id, "state", data_state(state, error_type=error_type, callback=delivery))
         self._write(op, on_done)
 
     def requeue(self, job_id, token, delay_ms, error, on_done=None):
@@ -654,17 +856,25 @@ class Journal:
         text = dumps(error)
         self._refuse_oversize("the job's error", text)
 
+        data = data_state(State.QUEUED, error_type=error.get("type"))
+
         def op(cur):
             cur.execute(self.sql.requeue, (text, delay_ms, job_id, token))
             if cur.rowcount == 0:
                 raise LeaseLost(job_id)
+            self._pay_owed((job_id, token), ending=True)
+            self._event(job_id, "state", data)
         self._write(op, on_done)
 
     def give_back(self, job_id, token):
         """Return a job this node will not finish (shutdown) to the queue; its attempt is not counted."""
         def op(cur):
             cur.execute(self.sql.give_back, (job_id, token))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._pay_owed((job_id, token), ending=True)
+            self._event(job_id, "state", _QUEUED)
+            return True
         return self._write(op)
 
     def give_back_unknown(self, node: str, known: set) -> list:
@@ -681,6 +891,7 @@ class Journal:
                     cur.execute(self.sql.give_back, (job_id, token))
                     if cur.rowcount:
                         released.append(job_id)
+                        self._event(job_id, "state", _QUEUED)
             return released
         return self._write(op)
 
@@ -690,6 +901,8 @@ class Journal:
         A job's crash count goes up by one; at `max_crashes` it fails with `worker_lost_error`
         instead (and its callback delivery is written). Returns a Recovery."""
         error_text = dumps(worker_lost_error)
+        lost_type = worker_lost_error.get("type")
+        requeued_data = data_state(State.QUEUED, error_type=lost_type)
 
         def op(cur):
             if owner is None:
@@ -705,10 +918,14 @@ class Journal:
                         cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
                         if cur.rowcount:
                             with_callback.add(job_id)
+                        self._event(job_id, "state", data_state(
+                            State.FAILED, error_type=lost_type,
+                            callback="pending" if job_id in with_callback else None))
                 else:
                     cur.execute(self.sql.crash_requeue, (job_id, token))
                     if cur.rowcount:
                         requeued.append(job_id)
+                        self._event(job_id, "state", requeued_data)
             return Recovery(requeued, failed, frozenset(with_callback))
         return self._write(op)
 
@@ -719,9 +936,13 @@ class Journal:
     # --- steps ------------------------------------------------------------------------
     def start_step(self, job_id, token, name, seq):
         """Mark a step running (queued with the next commit, not awaited)."""
+        data = data_step(name, "running")
+
         def op(cur):
             self._fence(cur, job_id, token)
             cur.execute(self.sql.start_step, (job_id, name, seq))
+            self._pay_owed((job_id, token))
+            self._event(job_id, "step", data)
         self._writer.cast(op)
 
     def end_step(self, job_id, token, name, state, result=None, error=None, seq=0, elapsed_ms=0):
@@ -734,12 +955,16 @@ class Journal:
         error_text = None if error is None else dumps(error)
         self._refuse_oversize(f"the result of step {name!r}", result_text, error_text)
 
+        data = data_step(name, state)
+
         def op(cur):
             self._fence(cur, job_id, token)
             cur.execute(self.sql.end_step, (state, result_text, error_text, job_id, name))
             if cur.rowcount == 0:
                 cur.execute(self.sql.add_step, (job_id, name, seq, state, result_text, error_text,
                                                 max(0, int(elapsed_ms))))
+            self._pay_owed((job_id, token))
+            self._event(job_id, "step", data)
         self._write(op)
 
     # --- user actions -----------------------------------------------------------------
@@ -754,6 +979,8 @@ class Journal:
             cur.execute(self.sql.cancel_queued, (job_id,))
             if cur.rowcount:
                 cur.execute(self.sql.add_callback, (new_callback_id(), job_id))
+                self._event(job_id, "state", data_state(
+                    State.CANCELLED, callback="pending" if cur.rowcount else None))
                 return State.CANCELLED
             cur.execute(self.sql.cancel_running, (job_id,))
             if cur.rowcount:
@@ -767,6 +994,7 @@ class Journal:
             cur.execute(self.sql.retry, (job_id,))
             if cur.rowcount == 0:
                 raise InvalidTransition(job_id, _scalar(cur, self.sql.state_of, (job_id,)), "retry")
+            self._event(job_id, "state", _QUEUED)
         self._write(op)
 
     # --- callbacks --------------------------------------------------------------------
@@ -800,8 +1028,17 @@ class Journal:
         def op(cur):
             cur.execute(self.sql.record_callback,
                         (state, last_error, retry_in_ms, state, callback_id, token))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            job_id, attempts = _fetch_one(cur, self.sql.callback_of, (callback_id,))
+            self._callback_event(cur, job_id, state, attempts)
+            return True
         return self._write(op)
+
+    def _callback_event(self, cur, job_id, state, attempts):
+        # the job's last seq is read under its row lock, as for every other event
+        if _fetch_one(cur, self.sql.lock_job, (job_id,)) is not None:
+            self._event(job_id, "callback", data_callback(state, attempts))
 
     def rearm_callback(self, job_id):
         """Make a job's failed delivery pending again; returns False if there is none failed."""
@@ -810,7 +1047,10 @@ class Journal:
             if row is None:
                 return False
             cur.execute(self.sql.rearm_callback, (row["id"],))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._callback_event(cur, job_id, "pending", 0)
+            return True
         return self._write(op)
 
     # --- tokens, settings ---------------------------------------------------------------
@@ -902,7 +1142,8 @@ class Journal:
             return self._read(read)
 
     def delete_job(self, job_id):
-        """Forget a terminal job: its row, steps and callback deliveries, in one transaction.
+        """Forget a terminal job: its row, steps, callback deliveries and events, in one
+        transaction.
 
         Raises InvalidTransition if it is not terminal (state None: there is no such job)."""
         def op(cur):
@@ -916,6 +1157,8 @@ class Journal:
             return False
         cur.execute(self.sql.delete_steps, (job_id,))
         cur.execute(self.sql.delete_callbacks, (job_id,))
+        cur.execute(self.sql.delete_events, (job_id, _scalar(cur, self.sql.last_event_id) or 0))
+        self._tx.deleted.add(job_id)  # an event of it queued in this transaction is dropped
         return True
 
     def bulk_page(self, owner=None, state=None, task=None, before=None, ids=None, limit=1000):
@@ -955,6 +1198,8 @@ class Journal:
                         if cur.rowcount:
                             with_callback.add(job_id)
                         changed[job_id] = State.CANCELLED
+                        self._event(job_id, "state", data_state(
+                            State.CANCELLED, callback="pending" if job_id in with_callback else None))
                         continue
                     cur.execute(sql.cancel_running, (job_id,))
                     if cur.rowcount:
@@ -963,6 +1208,7 @@ class Journal:
                     cur.execute(sql.retry, (job_id,))
                     if cur.rowcount:
                         changed[job_id] = State.QUEUED
+                        self._event(job_id, "state", _QUEUED)
                 elif action == "delete":
                     if self._delete_one(cur, job_id):
                         changed[job_id] = "deleted"

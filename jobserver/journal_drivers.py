@@ -45,6 +45,9 @@ class SqliteDialect:
     # a statement
     clock_is_local = True
     lock_rows = ""  # BEGIN IMMEDIATE already holds the database's one write lock
+    lock_row = ""
+    # a number that changes when another connection commits (None where there is none)
+    data_version = "PRAGMA data_version"
     insert_ignore = "INSERT OR IGNORE"
 
     @staticmethod
@@ -53,7 +56,10 @@ class SqliteDialect:
 
     @staticmethod
     def ddl(statement):
-        return statement.format(text="TEXT", opts="", autoid="INTEGER PRIMARY KEY AUTOINCREMENT")
+        # autoid: a rowid, the highest plus one. AUTOINCREMENT would also never reuse the id
+        # of a deleted highest row, at the price of a page written per commit: the journal
+        # never deletes the highest event instead (Journal._delete_one)
+        return statement.format(text="TEXT", opts="", autoid="INTEGER PRIMARY KEY")
 
 
 class MysqlDialect:
@@ -61,6 +67,8 @@ class MysqlDialect:
     now_ms = "CAST(UNIX_TIMESTAMP(CURRENT_TIMESTAMP(3)) * 1000 AS SIGNED)"
     clock_is_local = False  # every box sharing the database goes by the server's clock
     lock_rows = " FOR UPDATE SKIP LOCKED"
+    lock_row = " FOR UPDATE"  # wait for the row: a read that must not skip it
+    data_version = None
     insert_ignore = "INSERT IGNORE"
 
     @staticmethod

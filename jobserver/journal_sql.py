@@ -8,7 +8,7 @@ column types) are formatted in; every value is a bound parameter. Nothing here r
 
 from .model import JOB_FIELDS, TERMINAL, TRANSITIONS, Action, State
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 JOB_COLUMNS = JOB_FIELDS  # every SELECT of a job lists these, in this order: Job.from_row reads them so
 _COLS = ", ".join(JOB_COLUMNS)
@@ -127,6 +127,23 @@ MIGRATIONS = {
                    "WHERE finished_at IS NOT NULL",
          "mysql": "CREATE INDEX jobs_finished ON jobs (finished_at, state, owner)"},
         "CREATE INDEX jobs_task ON jobs (task, id)",
+    ],
+    # 4: what happened to each job, for the event streams (eventlog.py, streams.py), written
+    # in the transaction of the change it reports and deleted with its job. `id` orders
+    # every job's events; it is assigned at insert, so on MySQL a lower id may commit after
+    # a higher one (eventcursor.py reads with that in mind). `seq` numbers one job's events
+    # from 1 in commit order: the writer holds the job's row lock when it reads the last one.
+    # No CHECK on `kind`: a new kind of event (children) needs no migration.
+    4: [
+        """CREATE TABLE IF NOT EXISTS events (
+            id {autoid},
+            job_id VARCHAR(36) NOT NULL,
+            seq INTEGER NOT NULL,
+            kind VARCHAR(16) NOT NULL,
+            data {text} NOT NULL
+        ){opts}""",
+        "CREATE UNIQUE INDEX events_job ON events (job_id, seq)",
+        {"mysql": "ALTER TABLE events CONVERT TO CHARACTER SET utf8mb4 COLLATE {exact}"},
     ],
 }
 
@@ -261,6 +278,7 @@ class Sql:
         self.get_setting = q("SELECT value FROM settings WHERE name = ?")
         self.add_setting = q(f"{dialect.insert_ignore} INTO settings (name, value) VALUES (?, ?)")
         self.touch_setting = q("UPDATE settings SET value = ? WHERE name = ?")
+        self._event_statements(q, dialect)
         # one op of a shared transaction, isolated from the others (after one of them failed)
         self.savepoint = q("SAVEPOINT journal_op")
         self.rollback_to_savepoint = q("ROLLBACK TO SAVEPOINT journal_op")
@@ -282,6 +300,37 @@ class Sql:
             "SELECT job_id, name, state, started_at, finished_at FROM steps "
             "WHERE job_id IN ({markers}) ORDER BY job_id, seq"))
         self._dashboard_queries(dialect)
+
+    def _event_statements(self, q, dialect):
+        """The events table's statements (eventlog.py): written in batches, read by job and
+        in id order, the latter with the job's owner, task and state beside each event."""
+        self.insert_event = q("INSERT INTO events (job_id, seq, kind, data) VALUES (?, ?, ?, ?)")
+        self.last_seqs_made = {}
+        self.last_seqs = self._per_count(
+            self.last_seqs_made,
+            "SELECT job_id, MAX(seq) FROM events WHERE job_id IN ({markers}) GROUP BY job_id")
+        self.last_seq = q("SELECT MAX(seq) FROM events WHERE job_id = ?")
+        cols = "id, job_id, seq, kind, data"
+        self.job_events = q(
+            f"SELECT {cols} FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?")
+        self.last_event_id = q("SELECT MAX(id) FROM events")
+        self.event_ids_after = q("SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?")
+        self.events_after = q(f"SELECT {cols} FROM events WHERE id > ? ORDER BY id LIMIT ?")
+        self.events_between = q(
+            f"SELECT {cols} FROM events WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?")
+        scoped = ("SELECT e.id, e.job_id, e.seq, e.kind, e.data, j.owner, j.task, j.state "
+                  "FROM events e LEFT JOIN jobs j ON j.id = e.job_id")
+        self.scoped_events_after = q(f"{scoped} WHERE e.id > ? ORDER BY e.id LIMIT ?")
+        self.scoped_events_between = q(
+            f"{scoped} WHERE e.id >= ? AND e.id <= ? ORDER BY e.id LIMIT ?")
+        # an event of a change that wrote no job column takes the job's row lock this way,
+        # so that the job's last seq is read under it as for every other event
+        self.lock_job = q(f"SELECT id FROM jobs WHERE id = ?{dialect.lock_row}")
+        self.callback_of = q("SELECT job_id, attempts FROM callbacks WHERE id = ?")
+        # the highest event stays, whoever's it is: its id must never be given again (a
+        # reader that has seen it reads above it); MySQL cannot read the table it deletes from
+        self.delete_events = q("DELETE FROM events WHERE job_id = ? AND id < ?")
+        self.data_version = dialect.data_version
 
     def _per_count(self, made, text):
         """`statement(n)`: `text` with `n` bound `?` markers in place of {markers}: one

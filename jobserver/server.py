@@ -13,6 +13,7 @@ from .callbacks import Deliverer
 from .codec import MAX_DOCUMENT, dumps, storable
 from .config import Config
 from .errors import InvalidJob, InvalidTransition, JobNotFound, QueueFull, ServerClosed
+from .eventbus import EventBus
 from .ids import new_id
 from .journal import open_journal
 from .metrics import Metrics
@@ -100,6 +101,7 @@ class JobServer:
         load_task_modules(self.config.tasks)
         self.journal = open_journal(self.config.db)
         self.waiters = Waiters()
+        self.events = EventBus(self.journal, self.config.poll_interval)  # for the event streams
         self._listeners = []
         try:
             self.pool = Pool(self.journal, self.registry, workers=self.config.workers,
@@ -141,6 +143,7 @@ class JobServer:
                 return
             started = self._state == "running"
             self._state = "stopping"
+        self.events.close()  # open streams end now; their clients resume elsewhere or later
         if started:
             self.pool.stop(grace)
             self.deliverer.stop()  # waits at most the callback timeout for a slow receiver

@@ -77,7 +77,7 @@ def serving(app, threads=8):
 
     def run():
         while not stop.is_set():
-            wasyncore.loop(timeout=0.05, map=httpd._map, count=1)
+            httpd.asyncore.loop(timeout=0.05, map=httpd._map, count=1)  # the server's loop
         wasyncore.close_all(httpd._map)
 
     thread = threading.Thread(target=run, name="test-waitress", daemon=True)
@@ -101,6 +101,8 @@ def launch(db_url, url_prefix="", tasks=TASKS, start=True, **overrides):
             server.start()
         stack.callback(server.stop)
         base = stack.enter_context(serving(create_app(server, url_prefix=url_prefix)))
+        # open event streams (a browser's) end first: waitress waits for its threads
+        stack.callback(server.events.close)
         live = Live(server, base, url_prefix)
         stack.callback(live.session.close)
         yield live

@@ -163,7 +163,9 @@ def test_no_token_needed_for_the_page_but_for_the_api(sqlite_url):
 
 # --- in the browser ------------------------------------------------------------------------
 def test_a_submitted_job_appears_its_progress_moves_and_its_steps_show(sqlite_url, tabs):
-    with launch(sqlite_url, tasks=TASKS) as live:
+    # no stream slot: the page is refused its event stream and polls (test_dashboard_events.py
+    # has the page on its stream)
+    with launch(sqlite_url, tasks=TASKS, stream_slots=0) as live:
         tab = tabs(live)
         page = tab.page
         expect()(page.locator("#live")).to_have_attribute("data-mode", "polling")

@@ -72,7 +72,7 @@ def wait_lease_expired(journal, job_id):
 def test_schema_created_versioned_and_reopen_is_a_no_op(db_url):
     first = open_journal(db_url)
     job_id = insert(first, params={"kept": True})
-    assert first.schema_version() == SCHEMA_VERSION == 3
+    assert first.schema_version() == SCHEMA_VERSION == 4
     first.close()
     first.close()  # closing twice is harmless
     again = open_journal(db_url)
@@ -562,6 +562,12 @@ def _exercise(j):
     for action in ("cancel", "retry", "delete"):
         j.bulk(action, [b_id, a["id"]])
     j.delete_job(d_id)
+    j.job_events(jb.id, after=1)
+    j.last_seq(jb.id)
+    j.event_ids_after(j.last_event_id() - 3)
+    for scoped in (False, True):
+        j.events_after(0, scoped=scoped)
+        j.events_between(1, 3, scoped=scoped)
     return b_id
 
 

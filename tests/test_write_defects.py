@@ -179,6 +179,7 @@ def test_migration_2_makes_an_existing_mysql_journal_compare_exactly(mysql_url):
     # back to version 1 as it was: the later migrations' indexes go too, as they run again
     for index in ("jobs_finished", "jobs_task"):
         raw_sql(mysql_url, f"DROP INDEX {index} ON jobs")
+    raw_sql(mysql_url, "DROP TABLE events")  # made by a later version: a version 1 journal has none
     raw_sql(mysql_url, "DELETE FROM schema_version WHERE version > 1")
     journal = open_journal(mysql_url)
     try:

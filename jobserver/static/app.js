@@ -339,6 +339,11 @@
     let data = null;
     try { data = JSON.parse(event.data); } catch (e) { return; }
     const id = data && (data.job_id || (data.job && data.job.id) || data.id);
+    if (id && kind === "state" && typeof data.state === "string") {
+      // the row's badge at once; the refresh that follows brings the rest
+      const row = list.rows.get(id);
+      if (row && row.job.state !== data.state) { row.job.state = data.state; updateRow(row); }
+    }
     const progress = data && (data.progress || (kind === "progress" ? data : null));
     if (id && progress && typeof progress.done === "number") {
       const row = list.rows.get(id);
