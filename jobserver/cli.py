@@ -5,7 +5,6 @@ signal handlers. Every server flag has an environment twin (`--db` / `JOBSERVER_
 a flag beats its variable, which beats the Config default."""
 import _thread
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from .auth import create_token, is_loopback_host
+from .callbacks import signing_secret
 from .client import TERMINAL, Client, ClientError, ProblemError, RemoteJobError
 from .config import Config
 from .errors import JobserverError, JournalUnavailable
@@ -464,14 +464,6 @@ def with_journal(config, fn):
 def cmd_callback_secret(args, environ):
     """Print the callback signing secret (made and kept in the journal on first use)."""
     config = build_config(args, POOL_FLAGS, environ)
-    try:
-        callbacks = importlib.import_module("jobserver.callbacks")
-    except ImportError:
-        callbacks = None
-    signing_secret = getattr(callbacks, "signing_secret", None)
-    if signing_secret is None:
-        print("jobserver: error: callbacks not available", file=sys.stderr)
-        return 1
     try:
         print(with_journal(config, lambda journal: signing_secret(journal, config)))
     except (JobserverError, ValueError) as exc:
